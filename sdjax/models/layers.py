@@ -1,0 +1,156 @@
+"""Building blocks shared by the UNet, the VAE and ControlNet. Math only.
+
+Layout is NHWC throughout. Attribute names mirror diffusers' module names
+(`norm1`, `conv1`, `time_emb_proj`, `conv_shortcut`, `conv`, ...) so that the
+checkpoint-name mapping in `sdjax.weights.mapping` is mechanical.
+
+Precision: parameters are stored in `param_dtype`, matmuls and convolutions run in
+`dtype`; group/layer-norm statistics and attention softmax run in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
+         padding: int | str = "same", dtype=jnp.float32, param_dtype=jnp.float32) -> nnx.Conv:
+    """A 2-D convolution with PyTorch-style symmetric integer padding (NHWC)."""
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    elif padding == "same":
+        pad = kernel // 2
+        padding = ((pad, pad), (pad, pad))
+    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=(stride, stride), padding=padding,
+                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class GroupNorm(nnx.Module):
+    """torch.nn.GroupNorm over the channel (last) axis, statistics in float32.
+
+    Params: `scale` (C,), `bias` (C,) -- torch's `weight` and `bias`.
+    """
+
+    def __init__(self, num_channels: int, num_groups: int, eps: float = 1e-5, *,
+                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        del rngs
+        self.num_groups = num_groups
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        *lead, c = x.shape
+        xg = x.astype(jnp.float32).reshape(lead[0], -1, self.num_groups, c // self.num_groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        xg = (xg - mean) * jax.lax.rsqrt(var + self.eps)
+        y = xg.reshape(x.shape) * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis, statistics in float32. Params `scale`, `bias`."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        del rngs
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
+    """Scaled dot-product attention, softmax in float32.
+
+    q: (B, Lq, heads * Dh), k and v: (B, Lk, heads * Dh) -> (B, Lq, heads * Dh), in q's dtype.
+    Goes through `jax.nn.dot_product_attention` so XLA (and cuDNN on GPU) can fuse it.
+    """
+    b, lq, inner = q.shape
+    dh = inner // heads
+    qh = q.reshape(b, lq, heads, dh)
+    kh = k.reshape(b, k.shape[1], heads, dh)
+    vh = v.reshape(b, v.shape[1], heads, dh)
+    if q.dtype == jnp.float32:
+        out = jax.nn.dot_product_attention(qh, kh, vh)
+    else:
+        # Logits and softmax in float32 (upcast_attention semantics), values back in q's dtype.
+        logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (dh ** -0.5), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
+    return out.reshape(b, lq, inner)
+
+
+class ResnetBlock2D(nnx.Module):
+    """diffusers ResnetBlock2D (default "default" time-embedding norm), NHWC.
+
+    x: (B, H, W, in_ch), temb: (B, temb_ch) or None -> (B, H, W, out_ch).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int | None = None, *, temb_ch: int | None, groups: int = 32,
+                 eps: float = 1e-6, output_scale_factor: float = 1.0, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        out_ch = out_ch or in_ch
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.output_scale_factor = output_scale_factor
+        self.norm1 = GroupNorm(in_ch, groups, eps, **kw)
+        self.conv1 = conv(in_ch, out_ch, 3, **kw)
+        self.time_emb_proj = nnx.Linear(temb_ch, out_ch, **kw) if temb_ch else None
+        self.norm2 = GroupNorm(out_ch, groups, eps, **kw)
+        self.conv2 = conv(out_ch, out_ch, 3, **kw)
+        self.conv_shortcut = conv(in_ch, out_ch, 1, padding=0, **kw) if in_ch != out_ch else None
+
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
+        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x.astype(h.dtype) + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nnx.Module):
+    """Stride-2 3x3 conv. `padding=1` (UNet) or 0 (VAE: pad right/bottom by one, as diffusers does)."""
+
+    def __init__(self, ch: int, out_ch: int | None = None, *, padding: int = 1, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.padding = padding
+        self.conv = conv(ch, out_ch or ch, 3, stride=2, padding=padding, rngs=rngs, dtype=dtype,
+                         param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample2D(nnx.Module):
+    """Nearest-neighbour x2 upsampling followed by a 3x3 conv, NHWC."""
+
+    def __init__(self, ch: int, out_ch: int | None = None, *, rngs: nnx.Rngs,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        self.conv = conv(ch, out_ch or ch, 3, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        if output_size is None:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            b, _, _, c = x.shape
+            x = jax.image.resize(x, (b, output_size[0], output_size[1], c), method="nearest")
+        return self.conv(x)
