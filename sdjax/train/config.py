@@ -1,0 +1,92 @@
+"""Run configuration for fine-tuning: a frozen dataclass read from JSON (see configs/)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from sdjax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a fine-tuning run needs. Units: steps are optimizer updates.
+
+    model: a diffusers folder (or single file) to start from.
+    data: a folder of images with same-name .txt captions, a .jsonl of
+      {"image", "caption"}, or "synthetic" / "synthetic:<seed>" for sdjax's shapes.
+    One optimizer step consumes batch_size * grad_accum examples.
+    """
+
+    model: str
+    data: str
+    output_dir: str
+    resolution: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = 1000
+    learning_rate: float = 1e-5
+    lr_warmup_steps: int = 0
+    lr_end_ratio: float = 0.1          # cosine decays to learning_rate * lr_end_ratio
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    ema_decay: float | None = None     # e.g. 0.9999; None turns EMA off
+    min_snr_gamma: float | None = None  # e.g. 5.0
+    offset_noise: float = 0.0
+    caption_dropout: float = 0.1
+    mixed_precision: str = "no"        # "no" (float32) or "bf16" (bf16 compute, fp32 master weights)
+    gradient_checkpointing: bool = False
+    train_text_encoder: bool = False
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int | None = None
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
+        for name in ("resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every",
+                     "keep_checkpoints", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution={self.resolution}: must be a multiple of 8")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout={self.caption_dropout}: must be in [0, 1]")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay}: must be in (0, 1), or null for no EMA")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown training option(s) {unknown}; valid options: {sorted(names)}")
+        d = dict(d)
+        if "sample_prompts" in d:
+            d["sample_prompts"] = tuple(d["sample_prompts"])
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required option is missing
+            raise ConfigError(f"training config: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read training config {path}: {e}") from None
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sample_prompts"] = list(self.sample_prompts)
+        return d

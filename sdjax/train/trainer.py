@@ -1,0 +1,208 @@
+"""Fine-tuning, top to bottom: models, data, mesh, state, loop, checkpoints, logs, export.
+
+`train(cfg)` resumes from the newest checkpoint in `cfg.output_dir/checkpoints`
+when there is one, and then continues exactly as if never stopped: the data order,
+caption dropout and noise are all functions of (seed, step), and the optimizer
+state, EMA and step come back from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sdjax import parallel
+from sdjax.train import step as train_step_lib
+from sdjax.train.checkpoint import Checkpointer
+from sdjax.train.config import TrainConfig
+from sdjax.train.logs import MetricsLog, plot_loss
+
+
+def example_indices(step: int, per_step: int, n: int, seed: int) -> np.ndarray:
+    """Dataset indices of the examples consumed at optimizer step `step` (a fresh shuffle per epoch)."""
+    g = np.arange(step * per_step, (step + 1) * per_step)
+    epochs, pos = np.divmod(g, n)
+    out = np.empty_like(g)
+    for e in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(e)]).permutation(n)
+        out[epochs == e] = perm[pos[epochs == e]]
+    return out
+
+
+def dropped_captions(step: int, per_step: int, p: float, seed: int) -> np.ndarray:
+    """Which of the step's examples train with an empty caption (classifier-free guidance)."""
+    if p <= 0:
+        return np.zeros(per_step, bool)
+    return np.random.default_rng([seed, 1_000_003, step]).random(per_step) < p
+
+
+class Trainer:
+    """Holds the models, data and jitted step of one run. `run()` trains to cfg.max_steps."""
+
+    def __init__(self, cfg: TrainConfig, *, dataset=None, mesh=None, log: Callable[[str], None] = print):
+        from sdjax.data.datasets import open_dataset  # data stack; heavy imports stay lazy
+        from sdjax.pipeline import load_pipeline
+        from sdjax.sampling import DiscreteModel
+
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.pipe = load_pipeline(cfg.model, dtype="float32")
+        self.dataset = dataset if dataset is not None else open_dataset(cfg.data, resolution=cfg.resolution)
+        self.mesh = mesh or parallel.make_mesh()
+        model = DiscreteModel.from_config(self.pipe.scheduler_config)
+        compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
+
+        unet_graph = self._graphdef(self.pipe.unet, compute)
+        te_graph = self._graphdef(self.pipe.text_encoder, compute)
+
+        def unet_apply(state, x, t, ctx):
+            return nnx.merge(unet_graph, state)(x, t, ctx)
+
+        def text_apply(state, ids):
+            return nnx.merge(te_graph, state)(ids).last_hidden_state
+
+        if cfg.gradient_checkpointing:
+            # Recompute the UNet's activations in the backward pass instead of storing them,
+            # keeping only matmul/conv results without batch dimensions.
+            unet_apply = jax.checkpoint(unet_apply, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+
+        vae_graph = self.pipe.vae.graphdef
+
+        def vae_encode(state, images):
+            return nnx.merge(vae_graph, state).encode(images)
+
+        self.optimizer = train_step_lib.make_optimizer(cfg)
+        step_fn = train_step_lib.make_train_step(
+            cfg, self.optimizer, unet_apply=unet_apply, text_apply=text_apply, vae_encode=vae_encode,
+            scaling_factor=float(self.pipe.vae.config.scaling_factor),
+            alphas_cumprod=jnp.asarray(model.alphas_cumprod, jnp.float32),
+            prediction_type=model.prediction_type)
+
+        repl = parallel.replicated(self.mesh)
+        put = lambda tree: jax.device_put(tree, repl)  # noqa: E731
+        params = {"unet": put(self.pipe.unet.state)}
+        frozen = {"vae": put(self.pipe.vae.state)}
+        if cfg.train_text_encoder:
+            params["text_encoder"] = put(self.pipe.text_encoder.state)
+        else:
+            frozen["text_encoder"] = put(self.pipe.text_encoder.state)
+        self.frozen = frozen
+        self.state = train_step_lib.init_state(params, self.optimizer, ema=cfg.ema_decay is not None)
+        self.batch_sharding = parallel.batch_sharding(self.mesh, batch_axis=1)
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
+        self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.keep_checkpoints)
+        self.run_key = jax.random.key(cfg.seed)
+        self.step = 0
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            self.state, meta = self.checkpointer.restore(self.state, latest)
+            self.step = int(meta["step"])
+            self.log(f"resumed from checkpoint at step {self.step}")
+        self.metrics = MetricsLog(self.out, resume_step=self.step)
+        (self.out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    @staticmethod
+    def _graphdef(component, compute_dtype):
+        """The component's graph with `compute_dtype` compute and float32 parameters."""
+        cls, config = type(nnx.merge(component.graphdef, component.state)), component.config
+        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=compute_dtype,
+                                              param_dtype=jnp.float32))
+        return nnx.split(abstract)[0]
+
+    def batch(self, step: int) -> dict:
+        """The (grad_accum, batch_size, ...) batch of optimizer step `step`."""
+        cfg = self.cfg
+        per_step = cfg.batch_size * cfg.grad_accum
+        idx = example_indices(step, per_step, len(self.dataset), cfg.seed)
+        drop = dropped_captions(step, per_step, cfg.caption_dropout, cfg.seed)
+        images, captions = [], []
+        for i, d in zip(idx, drop):
+            image, caption = self.dataset[int(i)]
+            images.append(image)
+            captions.append("" if d else caption)
+        ids = self.pipe.tokenizer(captions, padding="max_length", truncation=True,
+                                  max_length=self.pipe.tokenizer.model_max_length, return_tensors="np").input_ids
+        shape = (cfg.grad_accum, cfg.batch_size)
+        batch = {"images": np.stack(images).astype(np.float32).reshape(*shape, *images[0].shape),
+                 "input_ids": ids.astype(np.int32).reshape(*shape, -1)}
+        return jax.device_put(batch, self.batch_sharding)
+
+    def save(self) -> None:
+        per_step = self.cfg.batch_size * self.cfg.grad_accum
+        self.checkpointer.save(self.step, self.state, {"step": self.step, "examples_seen": self.step * per_step,
+                                                       "config": self.cfg.to_dict()})
+
+    def run(self, stop_at: int | None = None, progress: bool = True) -> list[dict]:
+        """Train until `stop_at` (default cfg.max_steps); returns this call's metric records."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        end = min(stop_at or cfg.max_steps, cfg.max_steps)
+        records = []
+        bar = tqdm(total=end, initial=self.step, disable=not progress, desc="train", unit="step")
+        t0 = time.perf_counter()
+        while self.step < end:
+            key = jax.random.fold_in(self.run_key, self.step)
+            self.state, m = self.step_fn(self.state, self.frozen, self.batch(self.step), key)
+            self.step += 1
+            rec = {"step": self.step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+                   "examples_per_s": cfg.batch_size * cfg.grad_accum / max(time.perf_counter() - t0, 1e-9)}
+            t0 = time.perf_counter()
+            records.append(rec)
+            if self.step % cfg.log_every == 0 or self.step == end:
+                self.metrics.write(rec)
+                plot_loss(self.metrics.read(), self.out / "loss.png")
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            if cfg.sample_every and self.step % cfg.sample_every == 0:
+                self.write_samples()
+        bar.close()
+        return records
+
+    def trained_states(self, use_ema: bool = True) -> dict:
+        """The component states to export: EMA weights when EMA is on (and `use_ema`)."""
+        params = self.state["ema"] if (use_ema and self.state["ema"] is not None) else self.state["params"]
+        return dict(params)
+
+    def export(self, out_dir: str | Path | None = None, *, dtype: str | None = None,
+               use_ema: bool = True) -> Path:
+        """Write the trained model as a diffusers folder (safetensors) that diffusers loads."""
+        from sdjax.weights.export import save_pipeline
+
+        out_dir = Path(out_dir) if out_dir is not None else self.out / "model"
+        states = self.trained_states(use_ema)
+        return save_pipeline(self.pipe, out_dir, dtype=dtype, unet_state=states["unet"],
+                             text_encoder_state=states.get("text_encoder"))
+
+    def write_samples(self) -> None:
+        """Images for cfg.sample_prompts with the current weights, under `samples/<step>/`."""
+        if not self.cfg.sample_prompts:
+            return
+        from sdjax.images import save_png
+
+        pipe = self.pipe.with_states(**{k: v for k, v in self.trained_states().items()})
+        folder = self.out / "samples" / f"{self.step:07d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, prompt in enumerate(self.cfg.sample_prompts):
+            result = pipe.generate(prompt, steps=self.cfg.sample_steps, seed=self.cfg.seed + i,
+                                   width=self.cfg.resolution, height=self.cfg.resolution)
+            save_png(result.images[0], folder / f"{i:03d}.png", result.infotexts[0])
+
+
+def train(cfg: TrainConfig, **kw) -> Trainer:
+    """Run (or resume) a fine-tuning run to the end and export it; returns the Trainer."""
+    trainer = Trainer(cfg, **kw)
+    trainer.run()
+    trainer.export()
+    return trainer
