@@ -1,0 +1,162 @@
+"""Read the attributes back out of a (generated) synthetic-shapes image.
+
+A deterministic pixel analysis, no learned model: it tells whether the tiny model
+drew what the caption asked for.
+
+1. Light denoising (3x3 median), then every pixel is mapped to its nearest palette
+   colour (Euclidean RGB).
+2. Background = the most common label on the border (a frame ~1/32 of the side).
+3. Objects = non-background colours that still cover enough pixels after a 3x3
+   erosion (erosion removes the thin rings of blended colour that blur and
+   anti-aliasing leave around edges, e.g. purple between red and blue), at most
+   `max_objects`, largest first.
+4. Per object (its pixels = its colour within 3 px of the eroded core): position =
+   nearest grid centre to the bounding-box centre; size = small/large by the bounding-box
+   extent; shape: triangle when the top third of the box holds far fewer pixels than
+   the bottom third (or vice versa), else circle vs square by the fill ratio
+   area / box area (circle ~0.79, square ~1.0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from sdjax.data.synthetic import DEFAULT_CONFIG, PALETTE, POSITIONS, SIZES, SyntheticConfig
+
+ATTRIBUTES = ("background", "color", "shape", "size", "position")
+
+
+def _as_uint8_hwc(image) -> np.ndarray:
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        # Float images in [-1, 1] (model output) or [0, 1].
+        array = np.asarray(array, np.float32)
+        if array.min() < 0:
+            array = (array + 1) / 2
+        array = np.clip(np.round(array * 255), 0, 255).astype(np.uint8)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HWC RGB image, got shape {array.shape}")
+    return array[..., :3]
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion; pixels outside the image count as set (shapes may touch the border)."""
+    padded = np.pad(mask, 1, constant_values=True)
+    h, w = mask.shape
+    out = np.ones_like(mask)
+    for dy in range(3):
+        for dx in range(3):
+            out &= padded[dy:dy + h, dx:dx + w]
+    return out
+
+
+def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """3x3 binary dilation, `steps` times."""
+    h, w = mask.shape
+    for _ in range(steps):
+        padded = np.pad(mask, 1, constant_values=False)
+        out = np.zeros_like(mask)
+        for dy in range(3):
+            for dx in range(3):
+                out |= padded[dy:dy + h, dx:dx + w]
+        mask = out
+    return mask
+
+
+def _classify_shape(region: np.ndarray) -> str:
+    """Triangle if one end of the box is much thinner than the other, else circle vs
+    square by fill ratio (area / box area: circle pi/4, square 1)."""
+    ys, xs = np.nonzero(region)
+    box = region[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    third = max(1, box.shape[0] // 3)
+    top, bottom = box[:third].sum(), box[-third:].sum()
+    taper = min(top, bottom) / max(top, bottom, 1)  # apex-up triangle ~0.2, circle/square 1
+    if taper < 0.55:
+        return "triangle"
+    fill = box.sum() / box.size
+    if fill < 0.89:
+        return "circle"
+    return "square"
+
+
+def analyze(image, config: SyntheticConfig = DEFAULT_CONFIG, max_objects: int = 2,
+            min_fraction: float = 0.004) -> dict:
+    """Estimate the attributes of a synthetic-shapes image.
+
+    image: PIL image, uint8 HWC RGB array, or float HWC array in [-1, 1] / [0, 1].
+    Returns {"background", "objects": [{"color", "shape", "size", "position",
+    "pixels", "center": (x, y) bounding-box centre in fractions of width / height}], and the largest object's "color",
+    "shape", "size", "position" at top level (None when no object is found)}.
+    """
+    rgb = _as_uint8_hwc(image)
+    h, w, _ = rgb.shape
+    rgb = np.asarray(Image.fromarray(rgb).filter(ImageFilter.MedianFilter(3)), dtype=np.float32)
+    names = list(config.colors)
+    palette = np.array([PALETTE[n] for n in names], np.float32)
+    labels = np.argmin(((rgb[:, :, None, :] - palette) ** 2).sum(-1), axis=-1)
+
+    frame = max(1, min(h, w) // 32)
+    border = np.concatenate([labels[:frame].ravel(), labels[-frame:].ravel(),
+                             labels[:, :frame].ravel(), labels[:, -frame:].ravel()])
+    background = int(np.bincount(border, minlength=len(names)).argmax())
+
+    candidates = []
+    for k in range(len(names)):
+        if k == background:
+            continue
+        core = _erode(labels == k)
+        count = int(core.sum())
+        if count >= min_fraction * h * w:
+            candidates.append((count, k, core))
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    if candidates:  # a second "object" far smaller than the first is noise, not a shape
+        candidates = [c for c in candidates if c[0] >= 0.25 * candidates[0][0]][:max_objects]
+
+    side = float(min(h, w))
+    split_extent = 0.5 * (SIZES["small"] + SIZES["large"]) * side
+    objects = []
+    for _, k, core in candidates:
+        # The full shape = pixels of its colour near its eroded core: this restores the
+        # edges and the triangle's thin apex but leaves out stray pixels elsewhere.
+        region = _dilate(core, 3) & (labels == k)
+        ys, xs = np.nonzero(region)
+        width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        area = float(region.sum())
+        # The bounding-box centre, as the generator places shapes (a triangle's centroid
+        # sits lower than its box centre).
+        cx, cy = (xs.min() + xs.max() + 1) / (2 * w), (ys.min() + ys.max() + 1) / (2 * h)
+        position = min(config.positions,
+                       key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+        objects.append({
+            "color": names[k], "shape": _classify_shape(region),
+            "size": "large" if max(width, height) > split_extent else "small",
+            "position": position, "pixels": int(area), "center": (float(cx), float(cy)),
+        })
+    result = {"background": names[background], "objects": objects}
+    first = objects[0] if objects else {}
+    for key in ("color", "shape", "size", "position"):
+        result[key] = first.get(key)
+    return result
+
+
+def score(predicted: dict, intended: dict) -> dict[str, bool]:
+    """Per-attribute correctness of `analyze` output against `sample` attributes.
+
+    Keys: "background", "color" (the set of shape colours matches exactly), and
+    "shape", "size", "position" (correct for every intended object, matched by
+    colour; an intended object whose colour was not found counts as wrong), plus
+    "all" (everything correct).
+    """
+    found = {o["color"]: o for o in predicted.get("objects", [])}
+    want = intended["objects"]
+    result = {
+        "background": predicted.get("background") == intended["background"],
+        "color": set(found) == {o["color"] for o in want},
+    }
+    for key in ("shape", "size", "position"):
+        result[key] = all(o["color"] in found and found[o["color"]][key] == o[key] for o in want)
+    result["all"] = all(result.values())
+    return result
