@@ -1,0 +1,33 @@
+"""Sampling: pure functions over a denoiser D(x, sigma) -> x0_pred.
+
+- `DiscreteModel`: the model's discrete noise table, from a diffusers scheduler config.
+- `make_denoiser`, `cfg`, `rescale_cfg`: wrappers kept apart from the network.
+- `get_sigmas`, `diffusers_schedule`, `get_timesteps`: the schedules samplers step through.
+- `resolve`, `SAMPLERS`, `SCHEDULES`: A1111 / ComfyUI names to canonical ids.
+- `sample`: run a sampler (sdjax.sampling.samplers).
+"""
+
+from sdjax.sampling.denoisers import (
+    cfg,
+    make_denoiser,
+    prediction_from_x0,
+    rescale_cfg,
+    scalings,
+    x0_from_prediction,
+)
+from sdjax.sampling.names import SAMPLERS, SCHEDULES, UnknownNameError, display_names, resolve, schedule_id
+from sdjax.sampling.schedules import DiscreteModel, diffusers_schedule, get_sigmas, get_timesteps
+
+
+__all__ = [
+    "DiscreteModel", "make_denoiser", "cfg", "rescale_cfg", "scalings", "x0_from_prediction",
+    "prediction_from_x0", "get_sigmas", "diffusers_schedule", "get_timesteps", "resolve",
+    "schedule_id", "display_names", "UnknownNameError", "SAMPLERS", "SCHEDULES",
+]
+
+try:  # samplers.py is written in parallel; export `sample` once it exists.
+    from sdjax.sampling.samplers import sample
+
+    __all__.append("sample")
+except ImportError:  # pragma: no cover
+    pass
