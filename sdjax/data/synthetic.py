@@ -71,15 +71,19 @@ def default_heldout(colors: tuple[str, ...] = tuple(PALETTE), shapes: tuple[str,
                     ) -> tuple[tuple[str, str, str], ...]:
     """Two held-out (shape colour, background colour, shape) triples per colour.
 
-    For colour i: background i+3 with shape i, and background i+5 with shape i+1
-    (indices modulo the palette / shape count). No (colour, background) pair loses
-    all its shapes, so every pair of attributes is still seen in training.
+    For the 8-colour palette, colour i is held out on background i+3 with shape i,
+    and on background i+5 with shape i+1 (indices modulo the palette / shape count).
+    No (colour, background) pair loses all its shapes (given >= 3 shapes), so every
+    pair of attributes is still seen in training.
     """
-    n = len(colors)
+    n, m = len(colors), len(shapes)
+    offsets = (1 + 2 % (n - 1), 1 + 4 % (n - 1))  # (3, 5) for 8 colours; never 0
     out = []
     for i, color in enumerate(colors):
-        out.append((color, colors[(i + 3) % n], shapes[i % len(shapes)]))
-        out.append((color, colors[(i + 5) % n], shapes[(i + 1) % len(shapes)]))
+        for k, offset in enumerate(offsets):
+            triple = (color, colors[(i + offset) % n], shapes[(i + k) % m])
+            if triple not in out:
+                out.append(triple)
     return tuple(out)
 
 
