@@ -142,3 +142,61 @@ def test_analysis_accepts_float_images_and_detects_mismatch():
     pred = analyze(blank)
     assert pred["background"] == "blue" and pred["objects"] == [] and pred["shape"] is None
     assert not score(pred, attr)["shape"]
+
+
+def test_parse_caption_inverts_caption_for():
+    from sdjax.data.analysis import parse_caption
+
+    for cfg in (SyntheticConfig(two_shape_prob=0.5, two_shape_positions=True), SyntheticConfig()):
+        for i in range(60):
+            _, caption, attr = sample(8, i, "train" if i % 2 else "heldout", cfg)
+            parsed = parse_caption(caption.upper())
+            assert parsed["background"] == attr["background"] and parsed["objects"] == attr["objects"]
+    parsed = parse_caption("a red circle and a green square on a blue background")
+    assert [o["color"] for o in parsed["objects"]] == ["red", "green"] and "position" not in parsed["objects"][0]
+    with pytest.raises(ValueError, match="format"):
+        parse_caption("a photo of a cat")
+
+
+def _load_eval_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_tiny.py"
+    spec = importlib.util.spec_from_file_location("eval_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_script_scores_generators_and_folders(tmp_path, capsys):
+    from sdjax.data.analysis import parse_caption
+    from sdjax.data.synthetic import render
+
+    eval_tiny = _load_eval_script()
+    assert eval_tiny.main(["--self-check", "--n", "12", "--save-dir", str(tmp_path / "ok")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["seen", "6"] and table[2].split()[:2] == ["heldout", "6"]
+    assert all(cell == "1.000" for row in table[1:] for cell in row.split()[2:])
+
+    def wrong_colour(captions, seeds):
+        """Draws the right shape in the wrong colour, but only for held-out prompts."""
+        images = []
+        for caption in captions:
+            attr = parse_caption(caption)
+            if DEFAULT.is_heldout(attr):
+                attr["objects"][0]["color"] = next(c for c in PALETTE
+                                                   if c not in (attr["color"], attr["background"]))
+            images.append(render(attr))
+        return images
+
+    DEFAULT = SyntheticConfig()
+    report = eval_tiny.evaluate_generator(wrong_colour, n=12, seed=1, save_dir=tmp_path / "bad")
+    assert report["seen"]["all"] == 1.0 and report["heldout"]["color"] == 0.0
+    assert report["heldout"]["shape"] == 0.0  # matched by colour, so a wrong colour fails the rest too
+    assert report["heldout"]["background"] == 1.0
+    # The saved folder scores the same through --images-dir.
+    assert eval_tiny.evaluate_folder(tmp_path / "bad") == report
+    assert eval_tiny.main(["--images-dir", str(tmp_path / "bad"), "--json", str(tmp_path / "r.json")]) == 0
+    import json
+    assert json.loads((tmp_path / "r.json").read_text()) == report

@@ -160,3 +160,103 @@ def score(predicted: dict, intended: dict) -> dict[str, bool]:
         result[key] = all(o["color"] in found and found[o["color"]][key] == o[key] for o in want)
     result["all"] = all(result.values())
     return result
+
+
+# ---------------------------------------------------------------------------------
+# Evaluation: accuracy per attribute, for seen and held-out attribute combinations.
+
+REPORT_KEYS = ATTRIBUTES + ("all",)
+
+
+def parse_caption(caption: str, config: SyntheticConfig = DEFAULT_CONFIG) -> dict:
+    """The attributes dict of a caption in the synthetic formats (inverse of `caption_for`).
+
+    Two-shape captions without positions give objects without "position"/"size" keys
+    ("size" is "small" for two-shape images). Raises ValueError for any other text.
+    """
+    import re
+
+    names = lambda group: "|".join(sorted(map(re.escape, group), key=len, reverse=True))  # noqa: E731
+    color, shape = f"({names(config.colors)})", f"({names(config.shapes)})"
+    where = f"(?: at the ({names(config.positions)}))"
+    text = " ".join(caption.lower().split())
+    m = re.fullmatch(f"a ({names(config.sizes)}) {color} {shape}{where} on a {color} background", text)
+    if m:
+        obj = {"shape": m[3], "color": m[2], "size": m[1], "position": m[4]}
+        return {"background": m[5], "objects": [obj], **obj}
+    m = re.fullmatch(f"a {color} {shape}{where}? and a {color} {shape}{where}? on a {color} background", text)
+    if not m:
+        raise ValueError(f"caption {caption!r} is not in the synthetic caption format")
+    objects = []
+    for c, s, p in ((m[1], m[2], m[3]), (m[4], m[5], m[6])):
+        obj = {"shape": s, "color": c, "size": "small"}
+        if p:
+            obj["position"] = p
+        objects.append(obj)
+    return {"background": m[7], "objects": objects}
+
+
+def _score_known(predicted: dict, intended: dict) -> dict[str, bool | None]:
+    """`score`, with None for attributes the intended dict does not state (not counted)."""
+    result = dict(score(predicted, {**intended, "objects": [
+        {"position": None, **o} for o in intended["objects"]]}))
+    if any("position" not in o for o in intended["objects"]):
+        result["position"] = None
+        result["all"] = all(v for k, v in result.items() if k not in ("all", "position"))
+    return result
+
+
+def evaluate(images, attributes: list[dict], splits: list[str] | None = None,
+             config: SyntheticConfig = DEFAULT_CONFIG) -> dict:
+    """Accuracy per attribute, grouped by split.
+
+    images: PIL images / uint8 HWC / float HWC arrays; attributes: the intended
+    attributes per image; splits: "seen"/"train" or "heldout" per image (default:
+    from `config.is_heldout`). Returns {"seen": {"n": int, "background": float, ...,
+    "all": float}, "heldout": {...}}; only groups with images appear.
+    """
+    images, attributes = list(images), list(attributes)
+    if len(images) != len(attributes):
+        raise ValueError(f"{len(images)} images but {len(attributes)} attribute dicts")
+    if splits is None:
+        splits = ["heldout" if config.is_heldout(a) else "seen" for a in attributes]
+    sums: dict[str, dict[str, list[int]]] = {}
+    for image, intended, split in zip(images, attributes, splits):
+        group = "seen" if split == "train" else split
+        result = _score_known(analyze(image, config), intended)
+        acc = sums.setdefault(group, {k: [0, 0] for k in REPORT_KEYS})
+        for key in REPORT_KEYS:
+            if result[key] is not None:
+                acc[key][0] += bool(result[key])
+                acc[key][1] += 1
+    report = {}
+    for group in sorted(sums, key=lambda g: (g != "seen", g)):
+        n = max(c[1] for c in sums[group].values())
+        report[group] = {"n": n, **{k: (c[0] / c[1] if c[1] else None) for k, c in sums[group].items()}}
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A fixed-width table of `evaluate`'s result, one row per split."""
+    lines = [f"{'split':<8}{'n':>6}" + "".join(f"{k:>12}" for k in REPORT_KEYS)]
+    for group, row in report.items():
+        cells = "".join(f"{'-' if row[k] is None else format(row[k], '.3f'):>12}" for k in REPORT_KEYS)
+        lines.append(f"{group:<8}{row['n']:>6}" + cells)
+    return "\n".join(lines)
+
+
+def evaluation_prompts(n: int, seed: int = 0, config: SyntheticConfig = DEFAULT_CONFIG) -> list[dict]:
+    """n prompts, half from the train distribution ("seen") and half held-out.
+
+    Each: {"caption", "attributes", "split": "seen" | "heldout", "seed": int (for the
+    generator's noise)}. Deterministic in (n, seed, config).
+    """
+    from sdjax.data.synthetic import sample
+
+    out = []
+    for i in range(n):
+        split = "train" if i % 2 == 0 else "heldout"
+        _, caption, attributes = sample(seed, i // 2, split, config)
+        out.append({"caption": caption, "attributes": attributes,
+                    "split": "seen" if split == "train" else "heldout", "seed": seed * 1_000_003 + i})
+    return out
