@@ -1,0 +1,136 @@
+"""Shared pieces of the samplers: per-image noise, the scan driver, ancestral steps.
+
+Conventions used by every sampler (k-diffusion's): `x` is the sample in "VE" scaling,
+x = x0 + sigma * eps, layout (B, ...) (NHWC latents or anything else with a leading batch
+axis); `sigma` is the noise level (the standard deviation of the added noise, no unit);
+a denoiser is `denoise(x, sigma) -> x0_pred` with `sigma` a 0-d float array.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+# callback(i, x, x0_pred, sigma): host-side progress/preview hook.
+Callback = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], None]
+
+
+def as_keys(key, batch: int):
+    """A typed key array of shape (batch,), or None. Raw uint32 keys (batch, 2) are wrapped."""
+    if key is None:
+        return None
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.shape != (batch,):
+        raise ValueError(
+            f"key must be a typed key array of shape (B,) = ({batch},), one key per image; "
+            f"got shape {key.shape}. Use jax.random.split(key, B) or one key per seed."
+        )
+    return key
+
+
+def step_noise(keys: jax.Array, step, shape, dtype=jnp.float32, stream: int = 0) -> jax.Array:
+    """Standard normal noise (B, *shape) for one sampler step.
+
+    Image b's noise depends only on keys[b] and the step index (and `stream`, for samplers
+    that draw twice per step): normal(fold_in(keys[b], step)), with a further
+    fold_in(., stream) for stream > 0. Drawn in float32 then cast, so the values do not
+    depend on the compute dtype, the batch size or the device count.
+    """
+
+    def one(k):
+        k = jax.random.fold_in(k, step)
+        if stream:
+            k = jax.random.fold_in(k, stream)
+        return jax.random.normal(k, tuple(shape), jnp.float32)
+
+    return jax.vmap(one)(keys).astype(dtype)
+
+
+def require_keys(keys, name: str):
+    if keys is None:
+        raise ValueError(f"sampler {name!r} is stochastic: pass `key`, a typed key array of shape (B,)")
+    return keys
+
+
+def is_literal_zero(v) -> bool:
+    """True for a Python/NumPy number equal to 0 (a traced value is never known to be 0)."""
+    return isinstance(v, (int, float)) and v == 0
+
+
+def setup(denoise: Denoiser, x_init, sigmas):
+    """Common preparation: compute dtype, a dtype-stable denoiser, sigmas in that dtype.
+
+    Sampling math runs in float32 (float64 under x64) whatever the latent dtype: latents
+    are small and the multistep coefficients are sensitive to rounding.
+    """
+    x_init = jnp.asarray(x_init)
+    dtype = jnp.result_type(x_init.dtype, jnp.float32)
+    sigmas = jnp.asarray(sigmas, dtype)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+        raise ValueError(f"sigmas must have shape (steps + 1,) with steps >= 1; got {sigmas.shape}")
+
+    def model(x, sigma):
+        return jnp.asarray(denoise(x, sigma)).astype(dtype)
+
+    return x_init.astype(dtype), sigmas, model, dtype
+
+
+def per_step_inputs(sigmas):
+    """Scanned inputs: step index, sigma, sigma_next and the two previous sigmas.
+
+    Missing history (i < 1, i < 2) repeats sigmas[0]; multistep samplers only read it
+    after their warm-up, so the placeholder never reaches a result.
+    """
+    n = sigmas.shape[0] - 1
+    head = jnp.repeat(sigmas[:1], 2)
+    padded = jnp.concatenate([head, sigmas])
+    return {
+        "i": jnp.arange(n, dtype=jnp.int32),
+        "sigma": sigmas[:-1],
+        "sigma_next": sigmas[1:],
+        "sigma_prev": padded[1 : n + 1],
+        "sigma_prev2": padded[:n],
+    }
+
+
+def run(step, carry, sigmas):
+    """Scans `step(carry, inputs) -> carry` over the steps; returns the final carry."""
+
+    def body(c, inp):
+        return step(c, inp), None
+
+    carry, _ = jax.lax.scan(body, carry, per_step_inputs(sigmas))
+    return carry
+
+
+def emit(callback, i, x, x0_pred, sigma):
+    """Host callback for progress/previews; nothing is staged when callback is None."""
+    if callback is not None:
+        jax.debug.callback(callback, i, x, x0_pred, sigma)
+
+
+def to_d(x, sigma, x0_pred):
+    """The probability-flow ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma."""
+    return (x - x0_pred) / sigma
+
+
+def ancestral_step(sigma_from, sigma_to, eta=1.0):
+    """(sigma_down, sigma_up) of an ancestral step from sigma_from to sigma_to.
+
+    Deterministic move to sigma_down, then fresh noise of std sigma_up, with
+    sigma_down^2 + sigma_up^2 = sigma_to^2; eta = 1 is the DDPM posterior, eta = 0 is DDIM.
+    """
+    var = sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2
+    sigma_up = jnp.minimum(sigma_to, eta * jnp.sqrt(jnp.maximum(var, 0.0)))
+    sigma_down = jnp.sqrt(jnp.maximum(sigma_to**2 - sigma_up**2, 0.0))
+    return sigma_down, sigma_up
+
+
+def log_sigma(sigma):
+    """log(sigma) with sigma = 0 mapped to a finite stand-in (callers select it away)."""
+    return jnp.log(jnp.where(sigma > 0, sigma, 1.0))
