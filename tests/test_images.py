@@ -1,7 +1,5 @@
 """PNG infotext, atomic writes, JSON lines, grids and pixel conversions."""
 
-import json
-import os
 import struct
 import zlib
 
