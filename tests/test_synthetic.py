@@ -200,3 +200,24 @@ def test_eval_script_scores_generators_and_folders(tmp_path, capsys):
     assert eval_tiny.main(["--images-dir", str(tmp_path / "bad"), "--json", str(tmp_path / "r.json")]) == 0
     import json
     assert json.loads((tmp_path / "r.json").read_text()) == report
+
+
+def test_heldout_config_validation():
+    with pytest.raises(ValueError, match="held-out triple"):
+        SyntheticConfig(colors=("red", "blue", "green"), heldout=(("white", "red", "circle"),))
+    with pytest.raises(ValueError, match="held-out triple"):
+        SyntheticConfig(heldout=(("red", "red", "circle"),))
+    none = SyntheticConfig(heldout=())
+    assert not none.is_heldout(sample(0, 0, config=none)[2])
+    with pytest.raises(ValueError, match="heldout"):
+        sample(0, 0, "heldout", none)
+
+
+def test_config_json_round_trip():
+    import json
+
+    cfg = SyntheticConfig(resolution=32, two_shape_prob=0.25, colors=("red", "green", "blue", "white"))
+    back = SyntheticConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and sample(1, 2, "heldout", back)[1] == sample(1, 2, "heldout", cfg)[1]
+    with pytest.raises(ValueError, match="unknown keys"):
+        SyntheticConfig.from_dict({"palette": []})

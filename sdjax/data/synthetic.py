@@ -128,9 +128,24 @@ class SyntheticConfig:
         if self.heldout is None:
             object.__setattr__(self, "heldout", default_heldout(self.colors, self.shapes))
         for triple in self.heldout:
-            if len(triple) != 3 or triple[0] == triple[1]:
-                raise ValueError(f"held-out triple {triple!r} must be (colour, other background, shape)")
+            if (len(triple) != 3 or triple[0] == triple[1] or triple[0] not in self.colors
+                    or triple[1] not in self.colors or triple[2] not in self.shapes):
+                raise ValueError(f"held-out triple {triple!r} must be (colour, other background colour, shape) "
+                                 f"from colors={self.colors} and shapes={self.shapes}")
         object.__setattr__(self, "heldout", tuple(tuple(t) for t in self.heldout))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SyntheticConfig":
+        """From JSON-style data (lists become tuples); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"SyntheticConfig: unknown keys {unknown}; supported: {sorted(names)}")
+        tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list | tuple) else v  # noqa: E731
+        return cls(**{k: tuples(v) for k, v in d.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     def is_heldout(self, attributes: dict) -> bool:
         """Whether an attributes dict (as `sample` returns) uses a held-out triple."""
@@ -178,6 +193,8 @@ def _rng(seed: int, split: str, index: int) -> np.random.Generator:
 def _draw_attributes(rng: np.random.Generator, config: SyntheticConfig, split: str) -> dict:
     two = config.two_shape_prob > 0 and rng.random() < config.two_shape_prob
     pick = lambda seq: seq[int(rng.integers(len(seq)))]  # noqa: E731
+    if split == "heldout" and not config.heldout:
+        raise ValueError("split='heldout' needs SyntheticConfig.heldout triples; the config has none")
     while True:  # rejection sampling; the expected number of rounds is ~1.1
         if split == "heldout":
             color, background, shape = pick(config.heldout)
