@@ -151,6 +151,10 @@ class Upsample2D(nnx.Module):
         if output_size is None:
             x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         else:
-            b, _, _, c = x.shape
-            x = jax.image.resize(x, (b, output_size[0], output_size[1], c), method="nearest")
+            # torch's "nearest" picks source index floor(i * in / out); jax.image.resize rounds
+            # half-pixel centres instead and differs for non-integer ratios (e.g. 5 -> 9).
+            h, w = x.shape[1:3]
+            rows = (jnp.arange(output_size[0]) * h) // output_size[0]
+            cols = (jnp.arange(output_size[1]) * w) // output_size[1]
+            x = x[:, rows][:, :, cols]
         return self.conv(x)
