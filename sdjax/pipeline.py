@@ -1,0 +1,199 @@
+"""`load_pipeline`: a diffusers checkpoint folder -> tokenizer, text encoder, UNet, VAE.
+
+Each model component is a small object holding
+
+    graphdef   the NNX graph definition (static structure)
+    state      the weights pytree (an `nnx.State` of jax Arrays; `jax.tree.leaves(c.state)`)
+    config     the model's config dataclass
+    apply      a jitted pure function `apply(state, *inputs)` (`nnx.merge` inside `jax.jit`)
+
+and `component(*inputs)` is `component.apply(component.state, *inputs)`. Use
+`apply` with your own state (a fine-tuned copy, sharded weights, LoRA-merged
+weights) inside your own jitted code; nothing in it closes over the weights.
+
+    pipe = sdjax.load_pipeline("path/to/stable-diffusion-v1-5", dtype="bfloat16")
+    ids = pipe.tokenizer(["a cat"], padding="max_length", max_length=77, return_tensors="np").input_ids
+    context = pipe.text_encoder(ids)                       # (B, 77, D)
+    eps = pipe.unet(latents_nhwc, timesteps, context)      # (B, h, w, 4)
+    images = pipe.vae.decode(latents_nhwc / pipe.vae.scaling_factor)   # (B, 8h, 8w, 3) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sdjax.errors import ConfigError
+from sdjax.weights import diffusers as diffusers_folder
+
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _pure(graphdef: nnx.GraphDef, method: str) -> Callable[..., Any]:
+    """`fn(state, *args, **kwargs)`: rebuild the module from `state` and call `method` on it."""
+
+    def fn(state, *args, **kwargs):
+        model = nnx.merge(graphdef, state)
+        return getattr(model, method)(*args, **kwargs)
+
+    fn.__name__ = f"apply_{method.strip('_') or 'call'}"
+    return fn
+
+
+class Component:
+    """A model as (graphdef, state, config) plus `apply(state, *inputs)`, jitted.
+
+    `apply` is the model's `__call__` as a pure function of the weights; `state`
+    is the weights pytree; `nnx.merge(c.graphdef, c.state)` gives the NNX module back.
+    """
+
+    def __init__(self, model: nnx.Module, config: Any, source: Path | None = None):
+        self.graphdef, self.state = nnx.split(model)
+        self.config = config
+        self.source = source
+        self.apply = jax.jit(_pure(self.graphdef, "__call__"))
+
+    def module(self) -> nnx.Module:
+        """The NNX module with this component's weights (shares the arrays)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def __call__(self, *inputs, **kwargs):
+        return self.apply(self.state, *inputs, **kwargs)
+
+    def __repr__(self) -> str:
+        n = sum(x.size for x in jax.tree.leaves(self.state))
+        return f"{type(self).__name__}({n / 1e6:.1f}M parameters, config={self.config!r:.120})"
+
+
+class TextEncoder(Component):
+    """CLIP text encoder. `apply(state, input_ids, output_hidden_states=False) -> CLIPTextOutput`
+    (`output_hidden_states` is static). input_ids: (B, L) int, L <= 77."""
+
+    def __init__(self, model, config, source=None):
+        super().__init__(model, config, source)
+        self.apply = jax.jit(_pure(self.graphdef, "__call__"), static_argnames=("output_hidden_states",))
+
+    def __call__(self, input_ids, *, output_hidden_states: bool = False):
+        """(B, L) token ids -> last hidden state (B, L, D) after the final layer norm; with
+        `output_hidden_states=True`, the whole `CLIPTextOutput` (last_hidden_state,
+        pooled_output, hidden_states: embeddings + every layer, before the final norm)."""
+        out = self.apply(self.state, jnp.asarray(input_ids, jnp.int32), output_hidden_states=output_hidden_states)
+        return out if output_hidden_states else out.last_hidden_state
+
+
+class UNet(Component):
+    """UNet2DConditionModel. `apply(state, latents_nhwc, timesteps, context, down_residuals=None,
+    mid_residual=None)` -> model output (B, h, w, out_channels): eps or v, per the scheduler config."""
+
+    def __call__(self, latents_nhwc, timesteps, context, *, down_residuals=None, mid_residual=None):
+        """latents (B, h, w, C), timesteps scalar or (B,) in [0, 1000), context (B, L, D) -> NHWC."""
+        return self.apply(self.state, latents_nhwc, timesteps, context,
+                          down_residuals=down_residuals, mid_residual=mid_residual)
+
+
+class VAE(Component):
+    """AutoencoderKL. `apply(state, images)` reconstructs; `apply_encode(state, images_nhwc)`
+    -> (mean, logvar) and `apply_decode(state, latents_nhwc)` -> images are the pure halves.
+    Latents are unscaled: multiply by `scaling_factor` after encoding, divide before decoding."""
+
+    def __init__(self, model, config, source=None):
+        super().__init__(model, config, source)
+        self.apply_encode = jax.jit(_pure(self.graphdef, "encode"))
+        self.apply_decode = jax.jit(_pure(self.graphdef, "decode"))
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.config.scaling_factor)
+
+    def encode(self, images_nhwc):
+        """Images (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, H/8, W/8, 4), unscaled."""
+        return self.apply_encode(self.state, images_nhwc)
+
+    def decode(self, latents_nhwc):
+        """Unscaled latents (B, h, w, 4) -> images (B, 8h, 8w, 3), nominally in [-1, 1]."""
+        return self.apply_decode(self.state, latents_nhwc)
+
+
+class Pipeline:
+    """The loaded parts of a Stable Diffusion checkpoint.
+
+    Attributes: `tokenizer` (transformers CLIPTokenizer), `text_encoder`, `unet`,
+    `vae` (Components, see the module docstring), `scheduler_config` (dict from
+    scheduler/scheduler_config.json), `model_index` (dict), `model_dir` (Path),
+    `dtype` (jnp.dtype of the weights and of the computation).
+    """
+
+    def __init__(self, *, model_dir: Path, dtype, tokenizer, text_encoder: TextEncoder, unet: UNet,
+                 vae: VAE, scheduler_config: dict, model_index: dict):
+        self.model_dir = model_dir
+        self.dtype = dtype
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+        self.model_index = model_index
+
+    def states(self) -> dict[str, Any]:
+        """{'text_encoder': state, 'unet': state, 'vae': state}: all weights as one pytree."""
+        return {"text_encoder": self.text_encoder.state, "unet": self.unet.state, "vae": self.vae.state}
+
+    def __repr__(self) -> str:
+        return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype})"
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    try:
+        d = jnp.dtype(dtype)
+    except TypeError:
+        d = None
+    if d is None or d.name not in SUPPORTED_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+    return d
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    dtype: Any = "float32",
+    *,
+    variant: str | None = None,
+    sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
+) -> Pipeline:
+    """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint folder.
+
+    path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    scheduler/ (safety_checker/ and feature_extractor/ are ignored). Weights may be
+    safetensors, sharded safetensors, fp16 variants or PyTorch `.bin` files (read
+    by a restricted unpickler: no code from the file runs; torch is not needed).
+    dtype: "float32" or "bfloat16" ("float16" also accepted): the parameter and
+    compute dtype of all three models; file values are cast once while loading.
+    variant: e.g. "fp16" to read `*.fp16.safetensors` (a folder holding only one
+    variant uses it without being asked). sharding: optional
+    `(state path, abstract leaf) -> jax.sharding.Sharding` for every parameter;
+    by default weights go to the default device.
+
+    Raises CheckpointError (folder, file or tensor problems, naming them) and
+    ConfigError (a config value sdjax does not support, naming file, key and value).
+    """
+    model_dir = Path(path).expanduser()
+    dtype = _check_dtype(dtype)
+    index = diffusers_folder.read_model_index(model_dir)
+    kw = dict(dtype=dtype, variant=variant, sharding=sharding)
+    parts = {}
+    for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE)):
+        model, config = diffusers_folder.load_model(kind, model_dir / kind, **kw)
+        parts[kind] = cls(model, config, model_dir / kind)
+        del model
+    return Pipeline(
+        model_dir=model_dir,
+        dtype=dtype,
+        tokenizer=diffusers_folder.load_tokenizer(model_dir / "tokenizer"),
+        scheduler_config=diffusers_folder.read_scheduler_config(model_dir / "scheduler"),
+        model_index=index,
+        **parts,
+    )
