@@ -154,3 +154,9 @@ def test_display_names_round_trip():
             assert resolve(*display_names(sampler, schedule)) == (sampler, schedule)
     with pytest.raises(UnknownNameError):
         display_names("Euler", "karras")
+
+
+def test_every_canonical_sampler_has_an_implementation():
+    from sdjax.sampling import samplers
+
+    assert set(SAMPLERS) == set(samplers.SAMPLERS)

@@ -16,18 +16,11 @@ from sdjax.sampling.denoisers import (
     x0_from_prediction,
 )
 from sdjax.sampling.names import SAMPLERS, SCHEDULES, UnknownNameError, display_names, resolve, schedule_id
+from sdjax.sampling.samplers import sample
 from sdjax.sampling.schedules import DiscreteModel, diffusers_schedule, get_sigmas, get_timesteps
-
 
 __all__ = [
     "DiscreteModel", "make_denoiser", "cfg", "rescale_cfg", "scalings", "x0_from_prediction",
     "prediction_from_x0", "get_sigmas", "diffusers_schedule", "get_timesteps", "resolve",
-    "schedule_id", "display_names", "UnknownNameError", "SAMPLERS", "SCHEDULES",
+    "schedule_id", "display_names", "UnknownNameError", "SAMPLERS", "SCHEDULES", "sample",
 ]
-
-try:  # samplers.py is written in parallel; export `sample` once it exists.
-    from sdjax.sampling.samplers import sample
-
-    __all__.append("sample")
-except ImportError:  # pragma: no cover
-    pass
