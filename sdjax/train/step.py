@@ -119,6 +119,7 @@ def init_state(params: dict, optimizer: optax.GradientTransformation, ema: bool)
     return {
         "params": params,
         "opt_state": optimizer.init(params),
-        "ema": jax.tree.map(lambda p: p.astype(jnp.float32), params) if ema else None,
+        # A real copy: the EMA must not share buffers with the (donated) params.
+        "ema": jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params) if ema else None,
         "step": jnp.zeros((), jnp.int32),
     }

@@ -25,29 +25,11 @@ from sdjax.train.config import TrainConfig
 from sdjax.train.logs import MetricsLog, plot_loss
 
 
-def example_indices(step: int, per_step: int, n: int, seed: int) -> np.ndarray:
-    """Dataset indices of the examples consumed at optimizer step `step` (a fresh shuffle per epoch)."""
-    g = np.arange(step * per_step, (step + 1) * per_step)
-    epochs, pos = np.divmod(g, n)
-    out = np.empty_like(g)
-    for e in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(e)]).permutation(n)
-        out[epochs == e] = perm[pos[epochs == e]]
-    return out
-
-
-def dropped_captions(step: int, per_step: int, p: float, seed: int) -> np.ndarray:
-    """Which of the step's examples train with an empty caption (classifier-free guidance)."""
-    if p <= 0:
-        return np.zeros(per_step, bool)
-    return np.random.default_rng([seed, 1_000_003, step]).random(per_step) < p
-
-
 class Trainer:
     """Holds the models, data and jitted step of one run. `run()` trains to cfg.max_steps."""
 
     def __init__(self, cfg: TrainConfig, *, dataset=None, mesh=None, log: Callable[[str], None] = print):
-        from sdjax.data.datasets import open_dataset  # data stack; heavy imports stay lazy
+        from sdjax.data.datasets import CaptionLoader, open_dataset  # heavy imports stay lazy
         from sdjax.pipeline import load_pipeline
         from sdjax.sampling import DiscreteModel
 
@@ -57,6 +39,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.pipe = load_pipeline(cfg.model, dtype="float32")
         self.dataset = dataset if dataset is not None else open_dataset(cfg.data, resolution=cfg.resolution)
+        # One optimizer step consumes grad_accum loader batches of batch_size examples.
+        self.loader = CaptionLoader(self.dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
+                                    caption_dropout=cfg.caption_dropout)
         self.mesh = mesh or parallel.make_mesh()
         model = DiscreteModel.from_config(self.pipe.scheduler_config)
         compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
@@ -119,20 +104,13 @@ class Trainer:
         return nnx.split(abstract)[0]
 
     def batch(self, step: int) -> dict:
-        """The (grad_accum, batch_size, ...) batch of optimizer step `step`."""
+        """The (grad_accum, batch_size, ...) batch of optimizer step `step`, sharded over data."""
         cfg = self.cfg
-        per_step = cfg.batch_size * cfg.grad_accum
-        idx = example_indices(step, per_step, len(self.dataset), cfg.seed)
-        drop = dropped_captions(step, per_step, cfg.caption_dropout, cfg.seed)
-        images, captions = [], []
-        for i, d in zip(idx, drop):
-            image, caption = self.dataset[int(i)]
-            images.append(image)
-            captions.append("" if d else caption)
-        ids = self.pipe.tokenizer(captions, padding="max_length", truncation=True,
+        b = self.loader.batch(step)
+        ids = self.pipe.tokenizer(b["captions"], padding="max_length", truncation=True,
                                   max_length=self.pipe.tokenizer.model_max_length, return_tensors="np").input_ids
         shape = (cfg.grad_accum, cfg.batch_size)
-        batch = {"images": np.stack(images).astype(np.float32).reshape(*shape, *images[0].shape),
+        batch = {"images": b["images"].reshape(*shape, *b["images"].shape[1:]),
                  "input_ids": ids.astype(np.int32).reshape(*shape, -1)}
         return jax.device_put(batch, self.batch_sharding)
 

@@ -1,0 +1,157 @@
+"""Train sdjax's embedded default model from scratch, on sdjax's own synthetic shapes.
+
+    python scripts/train_tiny.py --out runs/tiny [--install]
+
+Stages, each resumable (rerun the same command after an interruption):
+  1. tokenizer: a small CLIP-format BPE tokenizer trained on the caption vocabulary;
+  2. init: random weights for the text encoder, VAE and UNet of configs/tiny_model.json,
+     written as a diffusers folder;
+  3. vae: the AutoencoderKL trained alone (reconstruction + small KL), then its
+     scaling_factor set to 1 / std of the latents;
+  4. unet: UNet and text encoder trained together through the fine-tuning stack
+     (`sdjax.train.Trainer`), EMA weights exported;
+  5. export: fp16 safetensors diffusers folder at <out>/model (and, with --install,
+     copied into sdjax/assets/tiny, where `sdjax generate` finds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def stage_tokenizer(out: Path) -> Path:
+    from sdjax.data.tokenizer import train_tokenizer
+
+    folder = out / "tokenizer"
+    if not (folder / "vocab.json").exists():
+        train_tokenizer(folder)
+        log(f"tokenizer written to {folder}")
+    return folder
+
+
+def stage_init(out: Path, spec: dict, tokenizer_dir: Path, seed: int) -> Path:
+    from flax import nnx
+    from transformers import CLIPTokenizer
+
+    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+    from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+    from sdjax.models.vae import AutoencoderKL, VAEConfig
+    from sdjax.weights import export
+    from sdjax.weights.mapping import export_state
+
+    folder = out / "init"
+    if (folder / "model_index.json").exists():
+        return folder
+    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    te = dict(spec["text_encoder"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    models = {
+        "text_encoder": (CLIPTextModel, CLIPTextConfig, te),
+        "vae": (AutoencoderKL, VAEConfig, spec["vae"]),
+        "unet": (UNet2DConditionModel, UNetConfig, spec["unet"]),
+    }
+    for i, (name, (cls, cfg_cls, d)) in enumerate(models.items()):
+        model = cls(cfg_cls.from_dict(d), rngs=nnx.Rngs(seed + i))
+        export.save_component(folder, name, export_state(model), d)
+    export.copy_tokenizer(tokenizer_dir, folder)
+    export.save_scheduler(folder, spec["scheduler"])
+    export.save_model_index(folder, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
+                            scheduler_class=spec["scheduler"]["_class_name"])
+    log(f"random initial weights written to {folder}")
+    return folder
+
+
+def stage_vae(out: Path, init_dir: Path, spec: dict, args) -> Path:
+    from flax import nnx
+
+    from sdjax.data.datasets import SyntheticCaptions
+    from sdjax.pipeline import load_pipeline
+    from sdjax.train.vae import train_vae
+    from sdjax.weights import export
+    from sdjax.weights.mapping import export_state
+
+    folder = out / "vae_done"
+    if (folder / "model_index.json").exists():
+        return folder
+    pipe = load_pipeline(init_dir)
+    data = SyntheticCaptions(65536, seed=args.seed, resolution=spec["resolution"])
+    params, scaling = train_vae(pipe.vae, data, out / "vae_run", steps=args.vae_steps,
+                                batch_size=args.vae_batch, learning_rate=args.vae_lr, seed=args.seed, log=log)
+    log(f"vae trained; latent scaling_factor = {scaling:.4f}")
+    tmp = out / "vae_done.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init_dir, tmp)
+    vae_cfg = json.loads((init_dir / "vae" / "config.json").read_text())
+    vae_cfg["scaling_factor"] = round(scaling, 5)
+    export.save_component(tmp, "vae", export_state(nnx.merge(pipe.vae.graphdef, params)), vae_cfg)
+    tmp.rename(folder)
+    return folder
+
+
+def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
+    from sdjax.train.config import TrainConfig
+    from sdjax.train.trainer import Trainer
+
+    final = out / "model"
+    if (final / "model_index.json").exists():
+        return final
+    cfg = TrainConfig(
+        model=str(vae_dir), data=f"synthetic:{args.seed}", output_dir=str(out / "unet_run"),
+        resolution=spec["resolution"], batch_size=args.unet_batch, max_steps=args.unet_steps,
+        learning_rate=args.unet_lr, lr_warmup_steps=200, lr_end_ratio=0.05, weight_decay=0.0,
+        ema_decay=0.999, caption_dropout=0.1, train_text_encoder=True, checkpoint_every=250,
+        keep_checkpoints=2, log_every=25, seed=args.seed)
+    trainer = Trainer(cfg, log=log)
+    trainer.run(progress=sys.stderr.isatty())
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.export(tmp, dtype="float16")
+    tmp.rename(final)
+    log(f"exported fp16 model to {final}")
+    return final
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/tiny", help="run folder (resumable)")
+    p.add_argument("--config", default=str(ROOT / "configs" / "tiny_model.json"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = json.loads(Path(args.config).read_text())
+    t0 = time.time()
+    tok = stage_tokenizer(out)
+    init_dir = stage_init(out, spec, tok, args.seed)
+    vae_dir = stage_vae(out, init_dir, spec, args)
+    model_dir = stage_unet(out, vae_dir, spec, args)
+    log(f"done in {(time.time() - t0) / 60:.1f} min: {model_dir}")
+    if args.install:
+        dst = ROOT / "sdjax" / "assets" / "tiny"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(model_dir, dst)
+        log(f"installed into {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
