@@ -62,6 +62,7 @@ def save_component(out_dir: str | Path, name: str, flat: Mapping[str, np.ndarray
         tmp_path = Path(tmp.name)
     try:
         save_file(tensors, str(tmp_path), metadata={"format": "pt"})
+        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates 0600; weights are ordinary files
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
