@@ -31,7 +31,13 @@ _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """diffusers `AutoencoderKL` config (the `vae/config.json` of a checkpoint)."""
+    """diffusers `AutoencoderKL` config (the `vae/config.json` of a checkpoint).
+
+    `scaling_factor`, `force_upcast` and `sample_size` do not change the network; they are
+    kept for the pipeline (latent scaling; run the VAE in float32 when the rest is fp16;
+    nominal image size). `shift_factor`, `latents_mean` and `latents_std` are accepted
+    only as null, since the pipeline applies `scaling_factor` alone.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
