@@ -6,6 +6,7 @@ loads its state_dict into ours through `sdjax.weights.mapping.load_state`, and
 compares outputs on the same inputs (ours NHWC, torch NCHW).
 """
 
+import functools
 import json
 
 import jax
@@ -48,19 +49,33 @@ def _torch_unet(d: dict, seed: int = 0):
     return unet
 
 
+class _AbstractRngs:
+    """Keys for `nnx.eval_shape` only, where their values never matter. nnx.Rngs bumps a traced
+    counter per parameter, and flax 0.12.8 + jax 0.10 then build a tracer error message
+    (`getattr(tracer, 'sharding')`) that costs O(trace length) each time: ~15 s per UNet."""
+
+    def params(self):
+        return jax.random.key(0)
+
+
 def _ours(d: dict, torch_unet, *, dtype=jnp.float32, param_dtype=jnp.float32) -> UNet2DConditionModel:
     cfg = UNetConfig.from_dict(d)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=_AbstractRngs(), dtype=dtype,
                                                            param_dtype=param_dtype))
     flat = names.unet({k: v.numpy() for k, v in torch_unet.state_dict().items()})
     return load_state(abstract, flat, source="diffusers UNet state_dict")
+
+
+# LLVM's optimisation passes dominate CPU compile time for UNet graphs; tests skip them (the
+# numbers do not depend on them, only the speed does).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 
 
 def _jit_apply(model):
     """The way the pipeline calls the UNet: a pure function of (state, inputs)."""
     graphdef, state = nnx.split(model)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
     def apply(state, x, t, ctx, down, mid):
         return nnx.merge(graphdef, state)(x, t, ctx, down_residuals=down, mid_residual=mid)
 
@@ -152,12 +167,17 @@ TINY = {
 }
 
 
+@functools.cache
+def _tiny_pair(name):
+    d = _tiny(name, **TINY[name][0])
+    tm = _torch_unet(d)
+    return d, tm, _ours(d, tm)
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_tiny_parity_fp32(name):
-    overrides, (h, w), t = TINY[name]
-    d = _tiny(name, **overrides)
-    tm = _torch_unet(d)
-    model = _ours(d, tm)
+    _, (h, w), t = TINY[name]
+    d, tm, model = _tiny_pair(name)
     x, ctx = _inputs(2, d["in_channels"], h, w, 7, 24)
     with torch.no_grad():
         t_torch = torch.tensor(t) if isinstance(t, np.ndarray) else t
@@ -168,9 +188,7 @@ def test_tiny_parity_fp32(name):
 
 
 def test_additional_residuals_match_diffusers():
-    d = _tiny("sd15", attention_head_dim=4)
-    tm = _torch_unet(d)
-    model = _ours(d, tm)
+    d, tm, model = _tiny_pair("sd15")
     cfg = model.config
     x, ctx = _inputs(2, 4, 16, 16, 7, 24)
     rng = np.random.RandomState(3)
@@ -184,7 +202,7 @@ def test_additional_residuals_match_diffusers():
             shapes.append((ch, size))
     assert len(shapes) == num_down_residuals(cfg)
     down = [rng.randn(2, c, s, s).astype(np.float32) for c, s in shapes]
-    mid = rng.randn(2, 64, size, size).astype(np.float32)
+    mid = rng.randn(2, cfg.block_out_channels[-1], size, size).astype(np.float32)
     with torch.no_grad():
         ref = tm(torch.tensor(x), 500, torch.tensor(ctx), down_block_additional_residuals=[torch.tensor(r) for r in down],
                  mid_block_additional_residual=torch.tensor(mid)).sample.numpy()
@@ -217,7 +235,7 @@ def test_bf16_close_to_fp32_torch():
 def test_jit_of_split_state_equals_eager():
     d = _tiny("sd15", block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
               up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], attention_head_dim=4)
-    model = UNet2DConditionModel(UNetConfig.from_dict(d), rngs=nnx.Rngs(1))
+    model = _ours(d, _torch_unet(d))
     x, ctx = _inputs(2, 4, 8, 8, 5, 24)
     t = jnp.array([3, 700])
     eager = model(_nhwc(x), t, jnp.asarray(ctx))
