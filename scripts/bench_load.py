@@ -76,13 +76,13 @@ def write_random_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], see
 
 def ensure_unet_folder(folder: Path, config: dict) -> Path:
     if (folder / WEIGHTS).is_file() and (folder / "config.json").is_file():
-        print(f"reusing {folder / WEIGHTS}")
+        print(f"reusing {folder / WEIGHTS}", flush=True)
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     t = time.perf_counter()
     n = write_random_safetensors(folder / WEIGHTS, torch_shapes(config))
-    print(f"wrote {folder / WEIGHTS}: {n / 1e9:.2f} GB in {time.perf_counter() - t:.1f}s")
+    print(f"wrote {folder / WEIGHTS}: {n / 1e9:.2f} GB in {time.perf_counter() - t:.1f}s", flush=True)
     return folder
 
 
@@ -142,11 +142,11 @@ def main(argv=None) -> int:
         ours = min(time_sdjax_load(folder, args.dtype) for _ in range(args.repeats))
         build = min(time_abstract_build(folder, args.dtype) for _ in range(args.repeats))
         size = path.stat().st_size / 1e9
-        print(f"file: {size:.3f} GB on {jax.devices()[0].platform}, dtype {args.dtype}")
-        print(f"plain read (safetensors.numpy.load_file): {plain:.3f}s")
+        print(f"file: {size:.3f} GB on {jax.devices()[0].platform}, dtype {args.dtype}", flush=True)
+        print(f"plain read (safetensors.numpy.load_file): {plain:.3f}s", flush=True)
         print(f"sdjax load (abstract model + load_state):  {ours:.3f}s "
-              f"(of which {build:.3f}s builds the abstract model)")
-        print(f"ratio: {ours / plain:.2f}x (target < 2x)")
+              f"(of which {build:.3f}s builds the abstract model)", flush=True)
+        print(f"ratio: {ours / plain:.2f}x (target < 2x)", flush=True)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

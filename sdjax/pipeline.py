@@ -20,6 +20,7 @@ weights) inside your own jitted code; nothing in it closes over the weights.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +46,17 @@ def _pure(graphdef: nnx.GraphDef, method: str) -> Callable[..., Any]:
     return fn
 
 
+@functools.lru_cache(maxsize=64)
+def jitted(graphdef: nnx.GraphDef, method: str = "__call__",
+           static_argnames: tuple[str, ...] = ()) -> Callable[..., Any]:
+    """The jitted pure function for (graphdef, method), shared by equal graphdefs.
+
+    GraphDefs of models with the same config and dtype compare equal, so loading
+    the same architecture again (another checkpoint, a reload) reuses the compiled code.
+    """
+    return jax.jit(_pure(graphdef, method), static_argnames=static_argnames)
+
+
 class Component:
     """A model as (graphdef, state, config) plus `apply(state, *inputs)`, jitted.
 
@@ -56,7 +68,7 @@ class Component:
         self.graphdef, self.state = nnx.split(model)
         self.config = config
         self.source = source
-        self.apply = jax.jit(_pure(self.graphdef, "__call__"))
+        self.apply = jitted(self.graphdef)
 
     def module(self) -> nnx.Module:
         """The NNX module with this component's weights (shares the arrays)."""
@@ -76,7 +88,7 @@ class TextEncoder(Component):
 
     def __init__(self, model, config, source=None):
         super().__init__(model, config, source)
-        self.apply = jax.jit(_pure(self.graphdef, "__call__"), static_argnames=("output_hidden_states",))
+        self.apply = jitted(self.graphdef, "__call__", ("output_hidden_states",))
 
     def __call__(self, input_ids, *, output_hidden_states: bool = False):
         """(B, L) token ids -> last hidden state (B, L, D) after the final layer norm; with
@@ -92,6 +104,9 @@ class UNet(Component):
 
     def __call__(self, latents_nhwc, timesteps, context, *, down_residuals=None, mid_residual=None):
         """latents (B, h, w, C), timesteps scalar or (B,) in [0, 1000), context (B, L, D) -> NHWC."""
+        if down_residuals is None and mid_residual is None:
+            # Same call signature as `apply(state, x, t, c)`, so both share one compilation.
+            return self.apply(self.state, latents_nhwc, timesteps, context)
         return self.apply(self.state, latents_nhwc, timesteps, context,
                           down_residuals=down_residuals, mid_residual=mid_residual)
 
@@ -103,8 +118,8 @@ class VAE(Component):
 
     def __init__(self, model, config, source=None):
         super().__init__(model, config, source)
-        self.apply_encode = jax.jit(_pure(self.graphdef, "encode"))
-        self.apply_decode = jax.jit(_pure(self.graphdef, "decode"))
+        self.apply_encode = jitted(self.graphdef, "encode")
+        self.apply_decode = jitted(self.graphdef, "decode")
 
     @property
     def scaling_factor(self) -> float:

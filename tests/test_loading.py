@@ -209,16 +209,20 @@ def test_fp16_variant(tmp_path, sd15_models):
                                np.asarray(pipe.text_encoder(ids)), atol=0.1)
 
 
-def test_component_is_a_pure_function_of_its_state(sd15_folder):
+def test_component_is_a_pure_function_of_its_state(sd15_folder, sd15_models):
     pipe = sdjax.load_pipeline(sd15_folder)
-    latents = jnp.ones((1, 8, 8, 4))
+    ids, latents, _, timesteps = _inputs(sd15_models)  # the parity test's shapes: compiled code is reused
+    latents, timesteps = jnp.asarray(latents), jnp.asarray(timesteps)
     out = pipe.vae.decode(latents)
     zeroed = jax.tree.map(jnp.zeros_like, pipe.vae.state)
     np.testing.assert_array_equal(np.asarray(pipe.vae.apply_decode(pipe.vae.state, latents)), np.asarray(out))
     assert not np.allclose(np.asarray(pipe.vae.apply_decode(zeroed, latents)), np.asarray(out))
-    ctx = pipe.text_encoder(np.zeros((1, 77), np.int64))
-    direct = pipe.unet.apply(pipe.unet.state, jnp.zeros((1, 8, 8, 4)), jnp.array([5]), ctx)
-    np.testing.assert_array_equal(np.asarray(direct), np.asarray(pipe.unet(jnp.zeros((1, 8, 8, 4)), 5, ctx)))
+    ctx = pipe.text_encoder(ids)
+    direct = pipe.unet.apply(pipe.unet.state, latents, timesteps, ctx)
+    np.testing.assert_array_equal(np.asarray(direct), np.asarray(pipe.unet(latents, timesteps, ctx)))
+    module = pipe.unet.module()
+    np.testing.assert_array_equal(np.asarray(module.conv_in.kernel[...]),
+                                  np.asarray(pipe.unet.state["conv_in"]["kernel"][...]))
 
 
 # ---------------------------------------------------------------------------------------------
