@@ -99,13 +99,36 @@ def per_step_inputs(sigmas):
 
 
 def run(step, carry, sigmas):
-    """Scans `step(carry, inputs) -> carry` over the steps; returns the final carry."""
+    """Scans `step(carry, inputs) -> carry` over the steps; returns the final carry.
+
+    A step that does not lower sigma (sigma_next >= sigma) is skipped: the carry passes
+    through unchanged and the denoiser is not called. Such steps carry no work (an ODE step
+    of length 0), and skipping them lets `from_step` start a sampler at a traced step index
+    by padding the schedule with its last sigma, at a fixed shape (img2img strength).
+    """
 
     def body(c, inp):
-        return step(c, inp), None
+        active = inp["sigma_next"] < inp["sigma"]
+        return jax.lax.cond(active, step, lambda c_, _: c_, c, inp), None
 
     carry, _ = jax.lax.scan(body, carry, per_step_inputs(sigmas))
     return carry
+
+
+def active_steps(sigmas):
+    """The number of steps that lower sigma (a traced int32): the steps `run` executes."""
+    return jnp.sum(sigmas[1:] < sigmas[:-1]).astype(jnp.int32)
+
+
+def from_step(sigmas, start):
+    """sigmas[start:] padded with its last value to the same shape (steps + 1,).
+
+    `start` may be traced (0 <= start < steps): running a sampler on the result equals
+    running it on sigmas[start:], because `run` skips the padding's zero-length steps.
+    """
+    n = sigmas.shape[0] - 1
+    idx = jnp.minimum(jnp.arange(n + 1) + jnp.asarray(start, jnp.int32), n)
+    return jnp.take(sigmas, idx)
 
 
 def emit(callback, i, x, x0_pred, sigma):

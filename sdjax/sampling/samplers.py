@@ -30,6 +30,8 @@ import jax.numpy as jnp
 
 from sdjax.sampling import samplers_multistep as ms
 from sdjax.sampling.sampler_utils import (
+    active_steps,
+    from_step,
     ancestral_step,
     as_keys,
     emit,
@@ -67,7 +69,7 @@ def sample_euler(denoise, x_init, sigmas, key=None, *, callback=None,
     """Euler steps of the probability-flow ODE (Karras et al. Algorithm 2 with Euler steps)."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = _churn_keys(key, x, s_churn, "euler")
-    n = sigmas.shape[0] - 1
+    n = active_steps(sigmas)
 
     def step(x, inp):
         i, sigma_next = inp["i"], inp["sigma_next"]
@@ -122,7 +124,7 @@ def sample_heun(denoise, x_init, sigmas, key=None, *, callback=None,
     """Heun's 2nd-order method (Karras et al. Algorithm 2); Euler for the last step to 0."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = _churn_keys(key, x, s_churn, "heun")
-    n = sigmas.shape[0] - 1
+    n = active_steps(sigmas)
 
     def step(x, inp):
         i, sigma_next = inp["i"], inp["sigma_next"]
@@ -149,7 +151,7 @@ def sample_dpm_2(denoise, x_init, sigmas, key=None, *, callback=None,
     """DPM-Solver-2 style midpoint steps; midpoint = geometric mean of sigma_hat, sigma_next."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = _churn_keys(key, x, s_churn, "dpm_2")
-    n = sigmas.shape[0] - 1
+    n = active_steps(sigmas)
 
     def step(x, inp):
         i, sigma_next = inp["i"], inp["sigma_next"]
@@ -313,7 +315,7 @@ DETERMINISTIC_SAMPLERS = (
 )
 
 
-def sample(name: str, denoise, x_init, sigmas, key=None, *, callback=None, **knobs):
+def sample(name: str, denoise, x_init, sigmas, key=None, *, start=None, callback=None, **knobs):
     """Runs sampler `name` from x_init at sigmas[0] down to sigmas[-1]; returns x (B, ...).
 
     denoise(x, sigma) -> x0_pred with x (B, ...) and sigma a 0-d float array; x_init (B, ...)
@@ -321,6 +323,9 @@ def sample(name: str, denoise, x_init, sigmas, key=None, *, callback=None, **kno
     normally ending in 0; key a typed key array (B,) (None is fine for deterministic
     samplers); callback(i, x, x0_pred, sigma) an optional host callback; knobs are the
     sampler's keyword arguments (eta, s_noise, s_churn, s_tmin, s_tmax, r, order, ...).
+    `start` (int, may be traced, 0 <= start < steps): begin at sigmas[start] -- the result
+    equals running on sigmas[start:], at the shape of the full schedule, so a changed start
+    (img2img strength) does not recompile. x_init must then be at sigmas[start].
     Unknown names or knobs raise ValueError listing the valid ones.
     """
     try:
@@ -332,4 +337,6 @@ def sample(name: str, denoise, x_init, sigmas, key=None, *, callback=None, **kno
     bad = sorted(set(knobs) - set(valid))
     if bad:
         raise ValueError(f"sampler {name!r} has no knob(s) {bad}; its knobs are: {', '.join(valid) or 'none'}")
+    if start is not None:
+        sigmas = from_step(jnp.asarray(sigmas), start)
     return fn(denoise, x_init, sigmas, key, callback=callback, **knobs)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.sampling.sampler_utils import (
+    active_steps,
     as_keys,
     emit,
     log_sigma,
@@ -261,7 +262,7 @@ def sample_unipc(denoise, x_init, sigmas, key=None, *, callback=None, order: int
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    n = sigmas.shape[0] - 1
+    n = active_steps(sigmas)
     lam = -log_sigma(sigmas)  # lambda = log(alpha / sigma_vp) = -log(sigma)
     one = jnp.ones((), x.dtype)
 
