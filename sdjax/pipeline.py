@@ -178,8 +178,15 @@ def load_pipeline(
     *,
     variant: str | None = None,
     sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
+    prediction_type: str | None = None,
+    config_dir: str | os.PathLike | None = None,
 ) -> Pipeline:
-    """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint folder.
+    """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint folder, or a single file.
+
+    A `.safetensors` / `.ckpt` single file (original LDM layout, as A1111 and ComfyUI
+    use) is read by `sdjax.weights.single_file`; for it only, `prediction_type`
+    ("epsilon" / "v_prediction") overrides detection and `config_dir` (a diffusers
+    folder) replaces the shipped SD1/SD2 configs. `model_dir` is then the file.
 
     path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/ (safety_checker/ and feature_extractor/ are ignored). Weights may be
@@ -197,6 +204,8 @@ def load_pipeline(
     """
     model_dir = Path(path).expanduser()
     dtype = _check_dtype(dtype)
+    if model_dir.is_file():
+        return _load_single_file(model_dir, dtype, sharding, prediction_type, config_dir)
     index = diffusers_folder.read_model_index(model_dir)
     kw = dict(dtype=dtype, variant=variant, sharding=sharding)
     parts = {}
@@ -212,3 +221,18 @@ def load_pipeline(
         model_index=index,
         **parts,
     )
+
+
+# --- single-file checkpoints (.safetensors / .ckpt in the original LDM layout) -------------------
+
+
+def _load_single_file(path: Path, dtype, sharding, prediction_type, config_dir) -> Pipeline:
+    """A single-file SD1/SD2 checkpoint -> Pipeline; see `sdjax.weights.single_file`."""
+    from sdjax.weights.single_file import load_single_file_models
+
+    loaded = load_single_file_models(path, dtype=dtype, sharding=sharding, prediction_type=prediction_type,
+                                     config_dir=config_dir)
+    parts = {kind: cls(*loaded.pop(kind), path)
+             for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE))}
+    return Pipeline(model_dir=path, dtype=dtype, tokenizer=loaded["tokenizer"],
+                    scheduler_config=loaded["scheduler_config"], model_index=loaded["model_index"], **parts)

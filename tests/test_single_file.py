@@ -292,3 +292,18 @@ def test_three_level_unet_numbering(tmp_path):
     assert set(got) == set(exp)
     for k in exp:
         np.testing.assert_array_equal(got[k], exp[k], err_msg=k)
+
+
+def test_load_pipeline_accepts_a_single_file(folders, tmp_path):
+    import sdjax.pipeline as pipeline
+
+    folder = folders["sd21"]
+    path = convert_diffusers_to_single_file(folder, tmp_path / "m.safetensors")
+    single = pipeline.load_pipeline(path, "float32", config_dir=folder)
+    ref = pipeline.load_pipeline(folder, "float32")
+    for kind in ("unet", "vae", "text_encoder"):
+        _states_equal(getattr(single, kind).state, getattr(ref, kind).state)
+    assert single.scheduler_config["prediction_type"] == "v_prediction" and single.model_dir == path
+    assert single.tokenizer("a cat").input_ids == ref.tokenizer("a cat").input_ids
+    eps = pipeline.load_pipeline(path, "float32", config_dir=folder, prediction_type="epsilon")
+    assert eps.scheduler_config["prediction_type"] == "epsilon"
