@@ -225,6 +225,21 @@ def test_component_is_a_pure_function_of_its_state(sd15_folder, sd15_models):
                                   np.asarray(pipe.unet.state["conv_in"]["kernel"][...]))
 
 
+def test_sharding_places_every_parameter(sd15_folder):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    seen = []
+
+    def sharding(path, abstract):
+        seen.append(path)
+        return replicated
+
+    pipe = sdjax.load_pipeline(sd15_folder, dtype="bfloat16", sharding=sharding)
+    leaves = jax.tree.leaves(pipe.states())
+    assert len(seen) == len(leaves) > 100
+    assert all(x.sharding == replicated and x.dtype == jnp.bfloat16 for x in leaves)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors name what is wrong
 
