@@ -253,8 +253,10 @@ def test_not_a_diffusers_folder(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"model_index\.json.*unet/.*vae/.*text_encoder/.*tokenizer/"):
         sdjax.load_pipeline(tmp_path)
-    with pytest.raises(CheckpointError, match="is a file"):
-        sdjax.load_pipeline(tmp_path / "weights.safetensors")
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors.*truncated"):
+        sdjax.load_pipeline(tmp_path / "weights.safetensors")  # a file: the single-file loader says why
+    with pytest.raises(CheckpointError, match="does not exist"):
+        sdjax.load_pipeline(tmp_path / "nowhere")
 
 
 def test_missing_component_folder(tmp_path, sd15_folder):
