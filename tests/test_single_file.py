@@ -307,3 +307,31 @@ def test_load_pipeline_accepts_a_single_file(folders, tmp_path):
     assert single.tokenizer("a cat").input_ids == ref.tokenizer("a cat").input_ids
     eps = pipeline.load_pipeline(path, "float32", config_dir=folder, prediction_type="epsilon")
     assert eps.scheduler_config["prediction_type"] == "epsilon"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ref_name", ["sd15", "sd21", "sd2-inpainting"])
+def test_full_size_names_match_diffusers_converter(ref_name):
+    """Every parameter name of the real-size UNet and VAE survives diffusers -> our LDM names ->
+    diffusers' own LDM converter unchanged (names only: values are 1-element stand-ins)."""
+    from flax import nnx
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+    from sdjax.models.vae import AutoencoderKL, VAEConfig
+    from sdjax.weights.mapping import torch_name
+
+    ref = reference(ref_name)
+    for kind, cfg_cls, model_cls, to_ldm, prefix, convert in (
+            ("unet", UNetConfig, UNet2DConditionModel, ldm.unet_to_ldm, ldm.UNET_PREFIX, convert_ldm_unet_checkpoint),
+            ("vae", VAEConfig, AutoencoderKL, ldm.vae_to_ldm, ldm.VAE_PREFIX, convert_ldm_vae_checkpoint)):
+        raw = json.loads((ref / kind / "config.json").read_text())
+        cfg = cfg_cls.from_dict(raw)
+        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+        names = {torch_name(p): np.zeros((1,), np.float32) for p, _ in nnx.to_flat_state(nnx.state(abstract))}
+        ours = {prefix + k: v for k, v in to_ldm(names, raw).items()}
+        theirs = convert(ours, raw)
+        assert set(theirs) == set(names), (kind, sorted(set(theirs) ^ set(names))[:5])
+        back = (ldm.unet_to_diffusers if kind == "unet" else ldm.vae_to_diffusers)(
+            {k[len(prefix):]: v for k, v in ours.items()}, raw)
+        assert set(back) == set(names)
