@@ -220,6 +220,18 @@ def test_unet_with_controlnet_residuals_and_multi_controlnet(tiny, ours):
     _close(eps, eps_t)
 
 
+def test_bfloat16_controlnet_tracks_float32(tiny, ours):
+    model = _fast(load_controlnet(tiny[2] / "controlnet", dtype="bfloat16"), ("guess_mode",))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(model.state))
+    x, ctx, img = _inputs(4)
+    down16, mid16 = model(_nhwc(x), 500, jnp.asarray(ctx, jnp.bfloat16), _nhwc(img), 0.9)
+    down32, mid32 = ours(_nhwc(x), 500, jnp.asarray(ctx), _nhwc(img), 0.9)
+    for a, b in zip(down16 + [mid16], down32 + [mid32]):
+        assert a.dtype == jnp.bfloat16
+        b = np.asarray(b)
+        assert np.abs(np.asarray(a, np.float32) - b).max() <= 0.05 * np.abs(b).max()
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -390,3 +402,46 @@ def test_controlnet_keep_is_diffusers_rule():
     np.testing.assert_allclose(controlnet_step_scales(4, 0.8, 0.5, 1.0), [0, 0, 0.8, 0.8])
     with pytest.raises(ValueError):
         controlnet_keep(10, 0.5, 0.5)
+
+
+def test_canny_equals_opencv_when_available():
+    """cv2.Canny (not a dependency) is the detector the Canny ControlNets were trained with."""
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.RandomState(2)
+    img = np.asarray(Image.fromarray((rng.rand(24, 32, 3) * 255).astype(np.uint8)).resize((256, 192)))
+    img = np.clip(img + rng.randn(*img.shape) * 8, 0, 255).astype(np.uint8)
+    for low, high in [(100, 200), (30, 60), (200, 400)]:
+        for l2 in (False, True):
+            ref = cv2.Canny(img, low, high, L2gradient=l2) > 0
+            np.testing.assert_array_equal(canny(img, low, high, l2_gradient=l2), ref)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_controlnet_parity():
+    """The real SD 1.5 ControlNet size (361M parameters), random weights, zero convs perturbed."""
+    from flax import nnx
+
+    from sdjax.models.controlnet import ControlNetModel
+    from sdjax.weights.mapping import load_state
+
+    torch.manual_seed(0)
+    unet_cfg = _unet_config("sd15")
+    cn = diffusers.ControlNetModel(**{k: v for k, v in dict(_full_controlnet("sd15").config).items()
+                                      if not k.startswith("_")}).eval()
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, 0.02)
+    cfg = ControlNetConfig.from_dict(dict(cn.config))
+    abstract = nnx.eval_shape(lambda: ControlNetModel(cfg, rngs=nnx.Rngs(0)))
+    model = load_state(abstract, {k: v.numpy() for k, v in cn.state_dict().items()})
+    graphdef, state = nnx.split(model)
+    apply = jax.jit(_pure(graphdef, "__call__"), compiler_options=_FAST_COMPILE)
+    rng = np.random.RandomState(0)
+    x = rng.randn(1, 4, 16, 16).astype(np.float32)
+    ctx = rng.randn(1, 77, unet_cfg["cross_attention_dim"]).astype(np.float32)
+    img = rng.rand(1, 3, 128, 128).astype(np.float32)
+    down_t, mid_t = _torch_residuals(cn, x, ctx, img, 999, 1.0, False)
+    down, mid = apply(state, _nhwc(x), 999, jnp.asarray(ctx), _nhwc(img), 1.0)
+    for a, b in zip(down + [mid], list(down_t) + [mid_t]):
+        _close(a, b)
