@@ -159,11 +159,14 @@ def test_timestep_embedding_matches_diffusers(dim, flip, shift):
 
 # (reference, overrides, latent H x W, timestep as given to both): sizes not divisible by 8
 # exercise diffusers' forward_upsample_size path.
+# Some cases also switch on options SD does not use (downsample_padding 0, center_input_sample,
+# mid_block_scale_factor, 2 transformer layers) at no extra cost.
 TINY = {
-    "sd15": (dict(layers_per_block=2, attention_head_dim=4), (16, 16), 999),
-    "sd21": (dict(attention_head_dim=[2, 4, 4, 4]), (20, 12), np.array([10.0, 500.5], np.float32)),
-    "sd2-inpainting": (dict(attention_head_dim=[2, 4, 4, 4], transformer_layers_per_block=[1, 2, 1, 2]),
-                       (12, 12), np.array(321, np.int32)),
+    "sd15": (dict(layers_per_block=2, attention_head_dim=4, mid_block_scale_factor=1.5), (16, 16), 999),
+    "sd21": (dict(attention_head_dim=[2, 4, 4, 4], downsample_padding=0), (20, 12),
+             np.array([10.0, 500.5], np.float32)),
+    "sd2-inpainting": (dict(attention_head_dim=[2, 4, 4, 4], transformer_layers_per_block=[1, 2, 1, 2],
+                            center_input_sample=True), (12, 12), np.array(321, np.int32)),
 }
 
 
@@ -226,10 +229,15 @@ def test_bf16_close_to_fp32_torch():
     x, ctx = _inputs(2, 4, 16, 16, 7, 24)
     with torch.no_grad():
         ref = tm(torch.tensor(x), 250, torch.tensor(ctx)).sample.numpy()
+        # torch's own bf16 error on the same net: the rounding floor we cannot beat (~1.4e-2 here).
+        tm_bf16 = tm.to(torch.bfloat16)
+        ref_bf16 = tm_bf16(torch.tensor(x).bfloat16(), 250, torch.tensor(ctx).bfloat16()).sample.float().numpy()
     out = _jit_apply(model)(_nhwc(x), 250, jnp.asarray(ctx))
     assert out.dtype == jnp.bfloat16
     rel = np.linalg.norm(_nchw(out) - ref) / np.linalg.norm(ref)
-    assert rel <= 2e-2, rel
+    rel_torch = np.linalg.norm(ref_bf16 - ref) / np.linalg.norm(ref)
+    assert rel <= 2e-2, (rel, rel_torch)
+    assert rel <= 1.5 * rel_torch, (rel, rel_torch)
 
 
 def test_jit_of_split_state_equals_eager():
