@@ -161,6 +161,33 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype})"
 
+    def generate(self, prompt, negative_prompt="", steps=20, sampler="dpmpp_2m", schedule="karras",
+                 cfg_scale=7.0, seed=0, width=None, height=None, batch_size=1, init_image=None,
+                 strength=0.75, mask=None, noise=None, **options):
+        """txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask`, white = repaint).
+
+        Returns `sdjax.generate.GenerationResult`: `.images` (PIL), `.latents` (B, H/8, W/8, C)
+        float32 scaled, `.infotexts` (A1111 parameters), `.seeds`. width/height default to the
+        init image's size, else 512. `noise`: explicit unit-variance latents (B, H/8, W/8, C),
+        scaled by the first sigma. Other options (subseed, subseed_strength, clip_skip, mask_blur,
+        inpainting_fill, inpaint_full_res, inpaint_full_res_padding, paste_back, sigmas,
+        timestep_mode, progress, eta, ...): see `sdjax.generate.generate`.
+        """
+        from sdjax.generate import generate
+
+        return generate(self, prompt, negative_prompt, steps, sampler, schedule, cfg_scale, seed, width,
+                        height, batch_size, init_image, strength, mask, noise, **options)
+
+    def outpaint(self, image, prompt, *, left=0, right=0, up=0, down=0, overlap=8, **options):
+        """Extend `image` by the given pixels per side and inpaint the new area
+        (`sdjax.tasks.outpaint_canvas`, masked content "fill", strength 1 by default)."""
+        from sdjax.tasks import outpaint_canvas
+
+        canvas, mask = outpaint_canvas(image, left=left, right=right, up=up, down=down, overlap=overlap)
+        options.setdefault("inpainting_fill", "fill")
+        options.setdefault("strength", 1.0)
+        return self.generate(prompt, init_image=canvas, mask=mask, **options)
+
 
 def _check_dtype(dtype) -> jnp.dtype:
     try:
