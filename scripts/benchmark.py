@@ -1,0 +1,17 @@
+"""sdjax vs diffusers (PyTorch) on this machine: same random SD 1.5 weights, dtype, sizes, sampler.
+
+    python scripts/benchmark.py --quick                      # tiny config, seconds (CI)
+    python scripts/benchmark.py --json bench_results/r.json  # SD 1.5 config, ~20-25 min on 2 cores
+    python scripts/benchmark.py --sections unet,txt2img --images 256 --levers
+
+Prints the machine and date, one line per measurement as it completes, a table, and last a line
+of ratios (sdjax's advantage, >1 = sdjax better). The library is `sdjax.bench`; see its
+docstring for what each section measures and `--help` for the flags.
+"""
+
+import sys
+
+from sdjax.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

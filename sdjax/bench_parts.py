@@ -1,0 +1,416 @@
+"""Building blocks of `sdjax.bench`: identical torch and sdjax models, both txt2img paths, timing,
+machine description, and the subprocess worker (`python -m sdjax.bench_parts '<json spec>'`) used
+where a fresh process is needed (XLA flags, the persistent compilation cache, peak memory).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def default_reference() -> Path:
+    """The SD 1.5 reference folder (configs + tokenizer): $SDJAX_REFERENCE/sd15 or ../shared/reference/sd15."""
+    root = os.environ.get("SDJAX_REFERENCE", Path(__file__).resolve().parents[2] / "shared" / "reference")
+    return Path(root) / "sd15"
+
+
+# ---- configs and the two sets of identical models ---------------------------------------
+
+def reference_configs(ref_dir: Path, tiny: bool = False) -> dict[str, dict]:
+    """{unet, vae, text_encoder, scheduler} config dicts of the reference; `tiny` shrinks widths and
+    depths (same block types, same 8x VAE factor, real vocabulary) so everything runs in seconds."""
+    def read(p):
+        return json.loads((ref_dir / p).read_text())
+    cfg = {"unet": read("unet/config.json"), "vae": read("vae/config.json"),
+           "text_encoder": read("text_encoder/config.json"), "scheduler": read("scheduler/scheduler_config.json")}
+    if tiny:
+        cfg["unet"].update(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
+                           cross_attention_dim=32, attention_head_dim=4,
+                           down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                           up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+        cfg["vae"].update(block_out_channels=[16, 16, 32, 32], norm_num_groups=8, layers_per_block=1)
+        cfg["text_encoder"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, projection_dim=32)
+    return cfg
+
+
+def _sdjax_kind(kind: str):
+    """(config class, model class, torch-name rename) of a component kind."""
+    from sdjax.weights import names
+    if kind == "unet":
+        from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+        return UNetConfig, UNet2DConditionModel, names.unet
+    if kind == "vae":
+        from sdjax.models.vae import AutoencoderKL, VAEConfig
+        return VAEConfig, AutoencoderKL, names.vae
+    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+    return CLIPTextConfig, CLIPTextModel, names.clip_text
+
+
+def torch_dtype(dtype: str):
+    import torch
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def torch_models(configs: dict, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+    """Random diffusers/transformers models {unet, vae, text_encoder}, created directly in `dtype`."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype(dtype))  # no float32 copy first: peak memory stays honest
+    try:
+        models = {"unet": UNet2DConditionModel.from_config(configs["unet"]),
+                  "vae": AutoencoderKL.from_config(configs["vae"]),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))}
+    finally:
+        torch.set_default_dtype(previous)
+    for m in models.values():
+        m.to(torch_dtype(dtype)).eval().requires_grad_(False)
+    return models
+
+
+def sdjax_from_torch(models: dict, configs: dict, dtype: str = "float32") -> dict[str, Any]:
+    """The same weights as NNX modules: torch state_dicts through `load_state`, cast to `dtype`."""
+    import jax.numpy as jnp
+    from sdjax.weights.diffusers import abstract_model
+    from sdjax.weights.mapping import load_state
+    from sdjax.weights.names import is_ignored
+
+    out = {}
+    for kind, module in models.items():
+        config_cls, model_cls, rename = _sdjax_kind(kind)
+        config = config_cls.from_dict(configs[kind])
+        flat = {k: v.detach().float().numpy() for k, v in module.state_dict().items()}
+        out[kind] = load_state(abstract_model(model_cls, config, jnp.dtype(dtype)), rename(flat),
+                               dtype=jnp.dtype(dtype), ignore=is_ignored, source=f"torch {kind}")
+    return out
+
+
+def sdjax_random(configs: dict, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
+    """Random NNX models (no torch) for subprocesses where only speed or memory matters.
+
+    Built abstractly and filled from numpy (norm scales 1, biases 0, the rest N(0, 0.02^2)):
+    initialising eagerly in JAX would compile one small program per parameter shape, which
+    costs minutes on a small CPU and would be counted as start-up time.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from sdjax.weights.diffusers import abstract_model
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for kind in ("unet", "vae", "text_encoder"):
+        config_cls, model_cls, _ = _sdjax_kind(kind)
+        graph, state = nnx.split(abstract_model(model_cls, config_cls.from_dict(configs[kind]), jnp.dtype(dtype)))
+        flat = []
+        for path, var in nnx.to_flat_state(state):
+            a = var.get_value()
+            if path[-1] == "scale":
+                value = np.ones(a.shape, np.float32)
+            elif path[-1] == "bias":
+                value = np.zeros(a.shape, np.float32)
+            else:
+                value = 0.02 * rng.standard_normal(a.shape, np.float32)
+            flat.append((path, var.replace(jax.device_put(value.astype(a.dtype)))))
+        out[kind] = nnx.merge(graph, nnx.from_flat_state(flat))
+    return out
+
+
+def sdjax_pipeline(models: dict, configs: dict, tokenizer, dtype: str = "float32"):
+    """A `sdjax.pipeline.Pipeline` around in-memory models (what `load_pipeline` returns for a folder)."""
+    import jax.numpy as jnp
+    from sdjax.pipeline import VAE, Pipeline, TextEncoder, UNet
+
+    parts = {kind: cls(models[kind], _sdjax_kind(kind)[0].from_dict(configs[kind]))
+             for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE))}
+    return Pipeline(model_dir=Path("<in memory>"), dtype=jnp.dtype(dtype), tokenizer=tokenizer,
+                    scheduler_config=configs["scheduler"], model_index={}, **parts)
+
+
+def diffusers_pipeline(models: dict, tokenizer, scheduler_config: dict):
+    """StableDiffusionPipeline over the torch models, Euler scheduler, no safety checker."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=models["vae"], text_encoder=models["text_encoder"], tokenizer=tokenizer,
+                                   unet=models["unet"], scheduler=EulerDiscreteScheduler.from_config(scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
+    """(B, 77) int32 ids, padded as diffusers pads; without a tokenizer, a fixed short prompt."""
+    if tokenizer is None:
+        ids = np.full((len(prompts), 77), 49407, np.int32)
+        ids[:, :3] = (49406, 320, 1929)
+        return ids
+    return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+
+
+class Txt2Img:
+    """sdjax txt2img: text encoding, then `sdjax.generation.build`'s jitted scan over the steps
+    and the VAE decode, one ahead-of-time compiled function per (batch, size, steps)."""
+
+    def __init__(self, pipe, *, guidance: float, sampler: str = "euler"):
+        from sdjax import generation, sampling
+        self.pipe, self.guidance = pipe, guidance
+        self.model = sampling.DiscreteModel.from_config(pipe.scheduler_config)
+        self.fn = generation.build(pipe.unet.graphdef, pipe.vae.graphdef, self.model,
+                                   generation.Spec(sampler=sampler), pipe.vae.scaling_factor)
+        self.compiled: dict[tuple, Any] = {}
+        self.compile_s: dict[tuple, float] = {}
+
+    def inputs(self, prompts: list[str], size: int, steps: int, seeds) -> dict:
+        import jax.numpy as jnp
+        from sdjax import generation, sampling
+        b = len(prompts)
+        context = self.pipe.text_encoder(token_ids(self.pipe.tokenizer, list(prompts) + [""] * b))
+        noise, keys = generation.initial_noise(jnp.asarray(seeds), (size // 8, size // 8, 4))
+        sigmas = sampling.diffusers_schedule(self.model, steps, solver="euler")[1]
+        return {"cond": context[:b], "uncond": context[b:], "cfg_scale": jnp.float32(self.guidance),
+                "noise": noise, "sigmas": jnp.asarray(sigmas), "start": jnp.int32(0), "keys": keys, "knobs": {}}
+
+    def compile(self, inputs: dict) -> Any:
+        """The compiled function for these inputs' shapes; its compile time lands in `compile_s`."""
+        key = (inputs["noise"].shape, inputs["sigmas"].shape)
+        if key not in self.compiled:
+            t = time.perf_counter()
+            self.compiled[key] = self.fn.lower(self.pipe.unet.state, self.pipe.vae.state, inputs).compile()
+            self.compile_s[key] = time.perf_counter() - t
+        return self.compiled[key]
+
+    def __call__(self, prompts: list[str], size: int, steps: int, seeds) -> tuple[np.ndarray, np.ndarray]:
+        """-> (images (B, size, size, 3) float32 in [0, 1] as diffusers' output_type="np", noise NHWC)."""
+        inputs = self.inputs(prompts, size, steps, seeds)
+        _, images = self.compile(inputs)(self.pipe.unet.state, self.pipe.vae.state, inputs)
+        return np.asarray(images) * 0.5 + 0.5, np.asarray(inputs["noise"])
+
+
+def diffusers_txt2img(pipe, prompts: list[str], size: int, steps: int, guidance: float, noise_nhwc=None):
+    """Images (B, size, size, 3) in [0, 1] from diffusers; `noise_nhwc` (unit variance) as its latents."""
+    import torch
+    latents = None
+    if noise_nhwc is not None:
+        latents = torch.from_numpy(np.ascontiguousarray(np.asarray(noise_nhwc).transpose(0, 3, 1, 2)))
+        latents = latents.to(pipe.unet.dtype)
+    with torch.inference_mode():
+        return pipe(prompt=list(prompts), height=size, width=size, num_inference_steps=steps,
+                    guidance_scale=guidance, latents=latents, output_type="np").images
+
+
+# ---- timing -------------------------------------------------------------------------------
+
+def measure(fn: Callable[[], Any], *, repeats: int, budget_s: float, warmup: Callable[[], Any] | None = None,
+            ) -> tuple[float, int, Any]:
+    """(median seconds, runs, last result) of `fn()`, after `warmup()` (default: one untimed call
+    of `fn`). JAX results are waited for. Stops early once the timed runs have used `budget_s`."""
+    import jax
+    jax.block_until_ready((warmup or fn)())
+    times: list[float] = []
+    while len(times) < max(1, repeats):
+        t = time.perf_counter()
+        result = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+        if sum(times) > budget_s:
+            break
+    return statistics.median(times), len(times), result
+
+
+def machine_info() -> dict:
+    """CPU model, core count, memory, library versions, JAX backend, the UTC date."""
+    import jax
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "python": platform.python_version(), "jax": jax.__version__,
+            "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    for name in ("flax", "torch", "diffusers", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    import torch
+    info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+# ---- subprocess workers: fresh processes for caches, XLA flags and peak memory ------------
+
+def run_worker(spec: dict, *, xla_flags: str | None = None, timeout_s: int = 1800) -> dict:
+    """Run `worker(spec)` in a fresh `python -m sdjax.bench_parts` process; its result dict, or {'error': ...}."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    try:
+        proc = subprocess.run([sys.executable, "-m", "sdjax.bench_parts", json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-300:]}
+
+
+def worker(spec: dict) -> dict:
+    """Inside a fresh process. spec: task ('generate' | 'unet'), side ('sdjax' | 'diffusers'),
+    reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps, guidance,
+    cache_dir ('generate'); latent, repeats, attention ('unet'). Times from process start."""
+    import resource
+    t0 = time.perf_counter()
+    if spec.get("cores"):
+        os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
+    out: dict[str, Any] = {}
+    configs = reference_configs(Path(spec["reference"]), spec["tiny"])
+    if spec["side"] == "sdjax":
+        import jax
+        if spec.get("cache_dir"):
+            jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+            jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+        _sdjax_worker(spec, configs, out, t0)
+    else:
+        import torch
+        if spec.get("cores"):
+            torch.set_num_threads(spec["cores"])
+        _diffusers_worker(spec, configs, out, t0)
+    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return out
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def _sdjax_worker(spec, configs, out, t0):
+    import jax
+    import jax.numpy as jnp
+    from sdjax import generation
+
+    out["import_s"] = time.perf_counter() - t0
+    models = sdjax_random(configs, dtype=spec["dtype"], seed=spec["seed"])
+    jax.block_until_ready(jax.tree.leaves(models))
+    out["weights_s"], out["weights_rss_gib"] = time.perf_counter() - t0, _rss_gib()
+    if spec["task"] == "unet":
+        _patch_attention(spec.get("attention", "default"))
+        from flax import nnx
+        graph, state = nnx.split(models["unet"])
+        fn = jax.jit(lambda s, x, t, c: nnx.merge(graph, s)(x, t, c))
+        lat = spec["latent"]
+        x = jnp.ones((2, lat, lat, 4), spec["dtype"])
+        ctx = jnp.ones((2, 77, configs["unet"]["cross_attention_dim"]), spec["dtype"])
+        t = time.perf_counter()
+        compiled = fn.lower(state, x, jnp.full((2,), 500.0), ctx).compile()
+        out["compile_s"] = time.perf_counter() - t
+        out["median_s"], out["runs"], _ = measure(lambda: compiled(state, x, jnp.full((2,), 500.0), ctx),
+                                                  repeats=spec["repeats"], budget_s=spec.get("budget_s", 60))
+        return
+    pipe = sdjax_pipeline(models, configs, None, spec["dtype"])
+    # No progress callback: JAX never writes executables with host callbacks to its persistent
+    # cache, so sdjax's time to the first step is not measured separately from the first result.
+    gen = Txt2Img(pipe, guidance=spec["guidance"])
+    size = spec["size"]
+    inputs = gen.inputs([PROMPT], size, spec["steps"], [spec["seed"]])
+    jax.block_until_ready(inputs)
+    t = time.perf_counter()
+    lowered = gen.fn.lower(pipe.unet.state, pipe.vae.state, inputs)
+    out["trace_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    out["compile_s"] = time.perf_counter() - t
+    images = compiled(pipe.unet.state, pipe.vae.state, inputs)[1]
+    jax.block_until_ready(images)
+    out["first_result_s"] = time.perf_counter() - t0
+    out["finite"] = bool(np.isfinite(np.asarray(images, np.float32)).all())
+    if spec.get("cache_dir"):
+        out["cache_files"] = sum(len(files) for _, _, files in os.walk(spec["cache_dir"]))
+
+
+def _diffusers_worker(spec, configs, out, t0):
+    import torch
+    from transformers import CLIPTokenizer
+
+    out["import_s"] = time.perf_counter() - t0
+    models = torch_models(configs, dtype=spec["dtype"], seed=spec["seed"])
+    out["weights_s"], out["weights_rss_gib"] = time.perf_counter() - t0, _rss_gib()
+    if spec["task"] == "unet":
+        lat = spec["latent"]
+        dt = torch_dtype(spec["dtype"])
+        x = torch.ones((2, 4, lat, lat), dtype=dt)
+        ctx = torch.ones((2, 77, configs["unet"]["cross_attention_dim"]), dtype=dt)
+        with torch.inference_mode():
+            out["median_s"], out["runs"], _ = measure(
+                lambda: models["unet"](x, torch.full((2,), 500.0), ctx).sample,
+                repeats=spec["repeats"], budget_s=spec.get("budget_s", 60))
+        return
+    pipe = diffusers_pipeline(models, CLIPTokenizer.from_pretrained(str(Path(spec["reference"]) / "tokenizer")),
+                              configs["scheduler"])
+    first_step: list[float] = []
+
+    def on_step(p, i, t, kw):
+        if not first_step:
+            first_step.append(time.perf_counter() - t0)
+        return kw
+    with torch.inference_mode():
+        size = spec["size"]
+        images = pipe(prompt=[PROMPT], height=size, width=size, num_inference_steps=spec["steps"],
+                      guidance_scale=spec["guidance"], output_type="np", callback_on_step_end=on_step).images
+    out["first_result_s"] = time.perf_counter() - t0
+    out["first_step_s"] = first_step[0] if first_step else None
+    out["finite"] = bool(np.isfinite(images).all())
+
+
+def _patch_attention(kind: str) -> None:
+    """Swap the UNet's attention kernel: 'dpa' = jax.nn.dot_product_attention at every dtype,
+    'einsum' = two einsums with a float32 softmax, 'default' = sdjax's choice (dpa in f32)."""
+    if kind == "default":
+        return
+    import jax
+    import jax.numpy as jnp
+    from sdjax.models import attention
+
+    def mha(q, k, v, heads):
+        b, lq, inner = q.shape
+        dh = inner // heads
+        qh, kh, vh = (a.reshape(a.shape[0], a.shape[1], heads, dh) for a in (q, k, v))
+        if kind == "dpa":
+            out = jax.nn.dot_product_attention(qh, kh, vh)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits * dh ** -0.5, axis=-1).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
+        return out.reshape(b, lq, inner)
+    attention.multi_head_attention = mha
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(worker(json.loads(sys.argv[1]))), flush=True)

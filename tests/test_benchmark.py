@@ -1,0 +1,64 @@
+"""scripts/benchmark.py --quick end to end, in a subprocess: a smoke test of the benchmark, not a timing.
+
+It runs every section on the tiny config derived from SD 1.5 (both sdjax and diffusers, same
+random weights) and checks that the table and the final ratio line appear, that every value is
+finite and positive, and that the two sides compute the same thing (the max|diff| notes).
+"""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    ref = reference("sd15")
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Narrowed where it costs compile time and adds nothing to a smoke test; every section runs.
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--sections", "all",
+           "--reference", str(ref), "--json", str(out), "--unet-latents", "8", "--images", "64",
+           "--batches", "1,2", "--step-counts", "3", "--repeats", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_quick_prints_machine_table_and_ratio_line_last(quick_run):
+    stdout, _ = quick_run
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines[0].startswith("# sdjax benchmark, 20")           # the date
+    assert "jax " in lines[1] and "torch " in lines[1] and "cores" in lines[1]
+    assert re.search(r"^section\s+item\s+sdjax\s+diffusers\s+unit\s+ratio\s+note$", stdout, re.M)
+    assert lines[-1].startswith("ratios (sdjax advantage")
+    ratios = re.findall(r"=([0-9.]+|nan|inf)x", lines[-1])
+    assert len(ratios) >= 10
+    assert all(math.isfinite(float(r)) and float(r) > 0 for r in ratios)
+
+
+def test_quick_rows_are_finite_and_cover_every_section(quick_run):
+    _, data = quick_run
+    rows = data["rows"]
+    sections = {r["section"] for r in rows}
+    assert sections == {"unet", "encode", "txt2img", "flops", "scaling", "compile", "memory", "levers"}
+    assert not [r for r in rows if r["note"].startswith(("ERROR", "failed"))]
+    for r in rows:
+        for side in ("sdjax", "diffusers"):
+            if r[side] is not None:
+                assert math.isfinite(r[side]) and r[side] > 0, r
+    # Both sides run the same weights: outputs agree (float32, tiny config).
+    diffs = [float(m) for r in rows for m in re.findall(r"max\|diff\| ([0-9.e+-]+)", r["note"])]
+    assert len(diffs) >= 4 and max(diffs) < 1e-3, diffs
+    by_item = {(r["section"], r["item"]): r for r in rows}
+    assert any(k[0] == "memory" and "bfloat16" in k[1] for k in by_item)
+    assert all(r["diffusers"] is not None for r in rows if r["section"] in ("unet", "txt2img", "memory"))
+    assert data["machine"]["jax"] and data["machine"]["torch"] and data["plan"]["tiny"] is True
