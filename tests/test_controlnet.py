@@ -140,6 +140,22 @@ def test_config_errors_name_the_key(key, value, words):
         ControlNetConfig.from_dict(d)
 
 
+@pytest.mark.slow  # eager random init compiles one XLA program per parameter shape (~40 here)
+def test_fresh_controlnet_has_zero_convs():
+    """Trained from scratch, a ControlNet starts as a no-op (diffusers' zero_module)."""
+    from flax import nnx
+
+    from sdjax.models.controlnet import ControlNetModel
+
+    d = dict(block_out_channels=[16, 16], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+             norm_num_groups=4, cross_attention_dim=8, attention_head_dim=2, layers_per_block=1,
+             conditioning_embedding_out_channels=[4, 8])
+    model = ControlNetModel(ControlNetConfig.from_dict(d), rngs=nnx.Rngs(0))
+    zero = list(model.controlnet_down_blocks) + [model.controlnet_mid_block, model.controlnet_cond_embedding.conv_out]
+    assert len(zero) == 6 and all(not np.any(c.kernel[...]) and not np.any(c.bias[...]) for c in zero)
+    assert np.any(model.controlnet_cond_embedding.conv_in.kernel[...])
+
+
 def test_num_attention_heads_is_the_head_count():
     d = dict(_full_controlnet("sd15").config)
     d.update(num_attention_heads=4, attention_head_dim=99)
@@ -289,6 +305,11 @@ def test_original_file_variants_whole_model_and_bare_names(tiny, tmp_path):
     for name in ("whole", "bare"):
         got = export_state(load_controlnet(tmp_path / f"{name}.safetensors", config=raw).module())
         assert all(np.array_equal(got[k], ref[k]) for k in ref)
+    # A diffusers pipeline folder: its controlnet/ subfolder is used.
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / "controlnet").symlink_to(root / "controlnet")
+    got = export_state(load_controlnet(tmp_path / "pipe").module())
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
     save_file({"foo.weight": np.zeros(3, np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(tmp_path / "other.safetensors")

@@ -89,6 +89,11 @@ class ControlNetConfig:
         heads = unet_dict.pop("num_attention_heads", None)
         if heads is not None:
             unet_dict["attention_head_dim"] = heads
+        # A ControlNet has no up path; give UNetConfig the mirror of the down path so its
+        # one-up-block-per-level check holds for any number of levels.
+        down = unet_dict.get("down_block_types", UNetConfig.down_block_types)
+        if isinstance(down, (list, tuple)) and all(isinstance(t, str) for t in down):
+            unet_dict["up_block_types"] = [t.replace("Down", "Up") for t in reversed(down)]
         try:
             unet = UNetConfig.from_dict(unet_dict)
         except ConfigError as e:

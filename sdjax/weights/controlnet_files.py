@@ -184,7 +184,8 @@ def read_controlnet(path: str | os.PathLike, *, config: Any = None, variant: str
                     ) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """(flat diffusers-named arrays, config dict, source file) of a ControlNet folder or file.
 
-    path: a diffusers folder (config.json + weights) or one original-format file
+    path: a diffusers folder (config.json + weights; or a pipeline folder with controlnet/) or
+    one original-format file
     (`.safetensors`, `.pth`, `.ckpt`, `.bin`; read without running code from it).
     config: a config dict, a config.json path or a folder holding one. For a single file it
     replaces `infer_config` (default); for a folder it replaces the folder's config.json. A
@@ -193,6 +194,8 @@ def read_controlnet(path: str | os.PathLike, *, config: Any = None, variant: str
     """
     path = Path(path).expanduser()
     given = _read_config_arg(config)
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+        path = path / "controlnet"  # a diffusers ControlNet *pipeline* folder
     if path.is_dir():
         raw = given if given is not None else read_json(path / "config.json")
         flat, source = read_component_weights(path, variant)
@@ -236,7 +239,7 @@ def load_controlnet_model(
     from sdjax.models.controlnet import ControlNetModel
 
     flat, raw, source = read_controlnet(path, config=config, variant=variant)
-    cfg = _parse(raw, str(source if Path(path).is_file() else Path(path) / "config.json"))
+    cfg = _parse(raw, str(source) if config is None else "the config= given")
     abstract = abstract_model(ControlNetModel, cfg, dtype)
     model = load_state(abstract, flat, dtype=jnp.dtype(dtype), ignore=is_ignored, source=str(source),
                        sharding=sharding)
