@@ -1,0 +1,298 @@
+"""`sdjax` command line: generate, img2img, inpaint, outpaint, info. Thin: parse, call, report.
+
+    sdjax generate "a red circle on a blue background" --steps 20 --seed 1 --out out/
+    sdjax img2img --image in.png --strength 0.6 --prompt "..." --out out.png
+    sdjax inpaint --image in.png --mask mask.png --prompt "..."
+    sdjax outpaint --image in.png --right 64 --prompt "..."
+    sdjax generate --prompts-file prompts.txt --out folder/      (resumable, manifest.jsonl)
+    sdjax generate --from-png image.png --out again.png          (same image, same machine)
+    sdjax info image.png
+
+Errors in the input (sizes, strength, sampler names, model path, output folder) print one
+line on stderr and exit with status 2; nothing is written. JAX's persistent compilation
+cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from pathlib import Path
+
+from sdjax.errors import SdjaxError
+
+DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
+                seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
+                mask_blur=4, masked_content="original", padding=32)
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+
+
+class UsageError(SdjaxError, ValueError):
+    """Bad command-line input."""
+
+
+def cache_dir() -> Path:
+    """Where the CLI keeps JAX's persistent compilation cache."""
+    if os.environ.get("SDJAX_CACHE_DIR"):
+        return Path(os.environ["SDJAX_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdjax" / "jax"
+
+
+def _enable_compilation_cache() -> None:
+    import jax
+
+    try:
+        path = cache_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except OSError:
+        pass  # an unwritable cache only costs time
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print an image's generation parameters")
+    info.add_argument("image")
+    for name in ("generate", "img2img", "inpaint", "outpaint"):
+        s = sub.add_parser(name, help=f"{name} (see sdjax {name} --help)")
+        s.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
+        s.add_argument("--model", help="diffusers folder or .safetensors file (default: the embedded tiny model)")
+        s.add_argument("--prompt")
+        s.add_argument("--negative-prompt")
+        s.add_argument("--steps", type=int)
+        s.add_argument("--sampler", help="A1111 or ComfyUI sampler name (default DPM++ 2M)")
+        s.add_argument("--schedule", help="schedule type (default: the sampler's, as A1111 'Automatic')")
+        s.add_argument("--cfg-scale", type=float)
+        s.add_argument("--seed", type=int, help="-1 = random")
+        s.add_argument("--subseed", type=int, help="variation seed")
+        s.add_argument("--subseed-strength", type=float, default=0.0)
+        s.add_argument("--width", type=int)
+        s.add_argument("--height", type=int)
+        s.add_argument("--batch-size", type=int)
+        s.add_argument("--batch-count", type=int)
+        s.add_argument("--clip-skip", type=int)
+        s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+        s.add_argument("--out", default="outputs", help="output folder, or a .png file for one image")
+        s.add_argument("--prompts-file", help="one prompt per line, or JSONL with per-line options")
+        s.add_argument("--grid", action="store_true", help="also write grid.png")
+        s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar on stderr (default: when stderr is a terminal)")
+        if name == "generate":
+            s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
+            s.add_argument("--image", help=argparse.SUPPRESS)
+        else:
+            s.add_argument("--image", required=True, help="the init image")
+        s.add_argument("--strength", type=float, help="denoising strength in (0, 1] (default 0.75)")
+        if name in ("inpaint", "outpaint"):
+            s.add_argument("--mask-blur", type=float)
+            s.add_argument("--masked-content", choices=("fill", "original", "latent noise", "latent nothing"))
+        if name == "inpaint":
+            s.add_argument("--mask", required=True, help="white = repaint, same size as the image")
+            s.add_argument("--only-masked", action="store_true", help="inpaint only the masked area")
+            s.add_argument("--padding", type=int, help="only-masked padding in px (default 32)")
+        else:
+            s.add_argument("--mask", help=argparse.SUPPRESS)
+        if name == "outpaint":
+            for side in ("left", "right", "up", "down"):
+                s.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    return p
+
+
+def _from_png(path: str) -> dict:
+    from sdjax.images import read_infotext
+    from sdjax.metadata import parse_infotext
+
+    text = read_infotext(path)
+    if text is None:
+        raise UsageError(f"{path} has no generation parameters")
+    p = parse_infotext(text)
+    out = {"prompt": p["Prompt"], "negative_prompt": p["Negative prompt"]}
+    conv = {"Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("schedule", str),
+            "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
+            "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
+            "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("strength", float),
+            "Mask blur": ("mask_blur", float), "Eta": ("eta", float)}
+    for key, (name, fn) in conv.items():
+        if key in p:
+            try:
+                out[name] = fn(p[key])
+            except ValueError:
+                raise UsageError(f"{path}: {key} = {p[key]!r} is not a valid {fn.__name__}") from None
+    return out
+
+
+def _options(args) -> dict:
+    """Merge: explicit flags > --from-png > defaults."""
+    opts = dict(DEFAULTS)
+    if getattr(args, "from_png", None):
+        opts.update(_from_png(args.from_png))
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    if args.prompt_pos is not None and args.prompt is not None:
+        raise UsageError("give the prompt either as an argument or with --prompt, not both")
+    if args.prompt_pos is not None:
+        flags["prompt"] = args.prompt_pos
+    opts.update({k: v for k, v in flags.items() if k not in ("prompt_pos", "command", "from_png")})
+    return opts
+
+
+def _validate(o: dict, command: str) -> None:
+    from sdjax.sampling import resolve
+
+    if "prompt" not in o and not o.get("prompts_file"):
+        raise UsageError("no prompt: give PROMPT, --prompt, --prompts-file or --from-png")
+    for k in ("width", "height"):
+        if o.get(k) is not None and (o[k] <= 0 or o[k] % 8):
+            raise UsageError(f"--{k} must be a positive multiple of 8, got {o[k]}")
+    if not 0.0 < o["strength"] <= 1.0:
+        raise UsageError(f"--strength must be in (0, 1], got {o['strength']}")
+    for k in ("steps", "batch_size", "batch_count", "clip_skip"):
+        if o[k] < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {o[k]}")
+    resolve(o["sampler"], o["schedule"])
+    if command == "generate" and o.get("image") is None and o["strength"] != DEFAULTS["strength"] \
+            and "strength" in o.get("_explicit", ()):
+        raise UsageError("--strength needs an init image (use sdjax img2img)")
+    if o.get("image") is not None:
+        from sdjax.tasks import to_pil_mask, to_pil_rgb
+
+        image = to_pil_rgb(o["image"])
+        if o.get("mask") is not None:
+            mask = to_pil_mask(o["mask"])
+            if mask.size != image.size:
+                raise UsageError(f"mask {o['mask']} is {mask.size[0]}x{mask.size[1]} but image {o['image']} is "
+                                 f"{image.size[0]}x{image.size[1]}; they must be the same size")
+        if command != "outpaint" and (o.get("width") is None or o.get("height") is None) \
+                and (image.width % 8 or image.height % 8):
+            raise UsageError(f"image is {image.width}x{image.height}, not a multiple of 8: pass --width/--height")
+
+
+def _model_path(o: dict) -> Path:
+    path = Path(o["model"]) if o.get("model") else EMBEDDED_MODEL
+    if not path.exists():
+        hint = "" if o.get("model") else " (the embedded model is missing; pass --model)"
+        raise UsageError(f"model path {os.fspath(path)!r} does not exist{hint}")
+    return path
+
+
+def _generate_kwargs(o: dict, command: str) -> dict:
+    kw = {k: o[k] for k in ("prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale",
+                            "seed", "batch_size", "clip_skip") if k in o}
+    for k in ("width", "height", "subseed"):
+        if o.get(k) is not None:
+            kw[k] = o[k]
+    if o.get("subseed") is not None:
+        kw["subseed_strength"] = o.get("subseed_strength", 0.0)
+    if o.get("eta") is not None:
+        kw["eta"] = o["eta"]
+    if o.get("image") is not None and command != "outpaint":
+        kw["init_image"] = o["image"]
+        kw["strength"] = o["strength"]
+    if command == "inpaint" or (o.get("mask") is not None and command != "outpaint"):
+        kw.update(mask=o["mask"], mask_blur=o["mask_blur"], inpainting_fill=o["masked_content"],
+                  inpaint_full_res=bool(o.get("only_masked")), inpaint_full_res_padding=o["padding"])
+    if command == "outpaint":
+        kw.update(mask_blur=o["mask_blur"], strength=o["strength"] if "strength" in o.get("_explicit", ()) else 1.0)
+        kw["inpainting_fill"] = o["masked_content"] if "masked_content" in o.get("_explicit", ()) else "fill"
+    return kw
+
+
+def _run(args) -> int:
+    from sdjax import batch
+
+    o = _options(args)
+    o["_explicit"] = {k for k, v in vars(args).items() if v is not None}
+    if o["seed"] == -1:
+        o["seed"] = random.randrange(2**32 - 1 - 10**6)
+    command = args.command
+    _validate(o, command)
+    out = Path(o["out"])
+    single_file = out.suffix.lower() == ".png" and not o.get("prompts_file")
+    batch.check_output_folder(out.parent if single_file else out)
+    model = _model_path(o)
+
+    entries = batch.read_prompts_file(o["prompts_file"]) if o.get("prompts_file") else [(0, {"prompt": o["prompt"]})]
+    _enable_compilation_cache()
+    import sdjax
+
+    pipe = sdjax.load_pipeline(model, o["dtype"])
+    defaults = _generate_kwargs(o, command)
+    defaults.pop("prompt", None)
+    jobs = batch.plan(entries, defaults, o["batch_count"])
+    show = o["progress"] if o.get("progress") is not None else sys.stderr.isatty()
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(j.names) for j in jobs), unit="img", file=sys.stderr)
+
+    def generate(**kw):
+        if command == "outpaint":
+            sides = {s: o[s] for s in ("left", "right", "up", "down")}
+            return pipe.outpaint(o["image"], kw.pop("prompt"), **sides, **kw,
+                                 **({"progress": _step_bar(bar, kw)} if bar is not None else {}))
+        if bar is not None:
+            kw["progress"] = _step_bar(bar, kw)
+        return pipe.generate(**kw)
+
+    if single_file:
+        paths = []
+        for job in jobs:
+            result = generate(**job.options)
+            for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
+                from sdjax.images import save_png
+
+                target = out if len(jobs) * len(result.images) == 1 else out.with_name(
+                    f"{out.stem}-{len(paths):05d}.png")
+                paths.append(save_png(image, target, info))
+                if bar is not None:
+                    bar.update(1)
+    else:
+        paths = batch.run_jobs(generate, jobs, out, grid=o.get("grid", False),
+                               on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _step_bar(bar, kw):
+    from tqdm import tqdm
+
+    inner = tqdm(total=None, unit="step", leave=False, file=sys.stderr)
+
+    def on_step(i):
+        inner.update(1)
+
+    return on_step
+
+
+def _info(args) -> int:
+    from sdjax.images import read_infotext
+
+    text = read_infotext(args.image)
+    if text is None:
+        raise UsageError(f"{args.image} has no generation parameters")
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
+    args = _parser().parse_args(argv)
+    try:
+        return _info(args) if args.command == "info" else _run(args)
+    except SdjaxError as e:
+        print(f"sdjax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
