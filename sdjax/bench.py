@@ -278,11 +278,25 @@ def _txt2img_pair(ctx: Context, size: int, steps: int, batch: int) -> tuple[floa
 
 
 def section_txt2img(ctx: Context) -> list[Row]:
-    rows = []
+    rows, steps = [], ctx.plan.steps
     for size in ctx.plan.images:
-        ts, td, note = _txt2img_pair(ctx, size, ctx.plan.steps, 1)
-        rows.append(Row("txt2img", f"{size}x{size} {ctx.plan.steps} Euler steps cfg {ctx.plan.guidance:g}",
+        ts, td, note = _txt2img_pair(ctx, size, steps, 1)
+        rows.append(Row("txt2img", f"{size}x{size} {steps} Euler steps cfg {ctx.plan.guidance:g}",
                         "s/image", ts, td, note))
+    # The user path at the smallest size: A1111 prompt parsing, the same jitted core, PIL, infotext.
+    # Its warm-up is a full call (a jitted function's first call compiles).
+    from sdjax import sampling
+    size = min(ctx.plan.images)
+    sigmas = sampling.diffusers_schedule(ctx.gen.model, steps, solver="euler")[1]
+    call = lambda: ctx.pipe.generate(PROMPT, steps=steps, sampler="euler", sigmas=sigmas,  # noqa: E731
+                                     cfg_scale=ctx.plan.guidance, seed=ctx.plan.seed, width=size, height=size)
+    t = time.perf_counter()
+    call()
+    first = time.perf_counter() - t
+    tg, n, _ = measure(call, repeats=ctx.plan.repeats, budget_s=ctx.plan.budget_s, warmup=lambda: None)
+    rows.append(Row("txt2img", f"{size}x{size} via Pipeline.generate", "s/image", tg,
+                    ctx.cache[("txt2img", size, steps, 1)][1],
+                    f"n={n}; first call {first:.1f}s; PIL output, A1111 prompt parsing, infotext"))
     return rows
 
 

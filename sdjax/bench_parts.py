@@ -36,6 +36,11 @@ def reference_configs(ref_dir: Path, tiny: bool = False) -> dict[str, dict]:
         return json.loads((ref_dir / p).read_text())
     cfg = {"unet": read("unet/config.json"), "vae": read("vae/config.json"),
            "text_encoder": read("text_encoder/config.json"), "scheduler": read("scheduler/scheduler_config.json")}
+    # Both sides sample with diffusers' EulerDiscreteScheduler built from this config, which uses
+    # its own default spacing ("linspace") when the config (here PNDM's) names none; say so
+    # explicitly, or sdjax would read PNDM's default ("leading") from the class name.
+    cfg["scheduler"] = dict(cfg["scheduler"], _class_name="EulerDiscreteScheduler",
+                            timestep_spacing=cfg["scheduler"].get("timestep_spacing") or "linspace")
     if tiny:
         cfg["unet"].update(block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=8,
                            cross_attention_dim=32, attention_head_dim=4,
@@ -284,7 +289,6 @@ def worker(spec: dict) -> dict:
     """Inside a fresh process. spec: task ('generate' | 'unet'), side ('sdjax' | 'diffusers'),
     reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps, guidance,
     cache_dir ('generate'); latent, repeats, attention ('unet'). Times from process start."""
-    import resource
     t0 = time.perf_counter()
     if spec.get("cores"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
@@ -302,8 +306,19 @@ def worker(spec: dict) -> dict:
         if spec.get("cores"):
             torch.set_num_threads(spec["cores"])
         _diffusers_worker(spec, configs, out, t0)
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries the parent's high-water mark across fork + exec into
+    # ru_maxrss, so a small child of a big parent would report the parent's size.
+    out["peak_rss_gib"] = _status_kib("VmHWM") / 2**20
     return out
+
+
+def _status_kib(field: str) -> float:
+    """A memory field of /proc/self/status in KiB (VmHWM: peak resident set of this process)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    return float("nan")
 
 
 def _rss_gib() -> float:
