@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from sdjax.pipeline import Component, _check_dtype, jitted
 
 __all__ = ["ControlNet", "load_controlnet", "canny", "prepare_control_image", "controlnet_keep",
-           "controlnet_step_scales", "PREPROCESSORS"]
+           "controlnet_step_scales", "scale_at", "PREPROCESSORS"]
 
 PREPROCESSORS = ("canny", "none")
 
@@ -117,6 +117,25 @@ def controlnet_step_scales(num_steps: int, conditioning_scale: float | Sequence[
     scale, start, end = ([a] * n if not isinstance(a, (list, tuple)) else list(a) for a in args)
     return np.stack([np.float32(s) * controlnet_keep(num_steps, a, b) for s, a, b in zip(scale, start, end)],
                     axis=1)
+
+
+def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax.Array:
+    """The per-step scale in force for a network evaluation at noise level `level` (traced).
+
+    levels: the sampler's decreasing schedule, (steps + 1,) sigmas ending in 0 (or the
+    matching UNet timesteps, if the caller sees timesteps: any decreasing map of sigma works).
+    Step i runs from levels[i] down to levels[i + 1]; an evaluation at a level in
+    (levels[i + 1], levels[i]] -- its start, or a Heun/DPM2 midpoint -- belongs to step i.
+    step_scales: (steps,) or (steps, n_controlnets), from `controlnet_step_scales`. For
+    img2img starting at step `start`, compute them for the `steps - start` steps run (as
+    diffusers does) and left-pad with `start` zero rows.
+    level may be a scalar or any array of equal values (e.g. the (2B,) timesteps); returns
+    step_scales[i] (scalar or (n_controlnets,)), float32.
+    """
+    level = jnp.max(jnp.asarray(level, jnp.float32))
+    steps = step_scales.shape[0]
+    i = jnp.sum(jnp.asarray(levels, jnp.float32)[1:steps] >= level)
+    return jnp.asarray(step_scales, jnp.float32)[jnp.clip(i, 0, steps - 1)]
 
 
 # ------------------------------------------------------------------------------------ Canny

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import reference
 from sdjax.controlnet import (canny, controlnet_keep, controlnet_step_scales, load_controlnet,
-                              prepare_control_image)
+                              prepare_control_image, scale_at)
 from sdjax.errors import CheckpointError, ConfigError
 from sdjax.models.controlnet import ControlNetConfig, guess_mode_scales, sum_residuals
 from sdjax.pipeline import _pure
@@ -466,3 +466,17 @@ def test_full_size_sd15_controlnet_parity():
     down, mid = apply(state, _nhwc(x), 999, jnp.asarray(ctx), _nhwc(img), 1.0)
     for a, b in zip(down + [mid], list(down_t) + [mid_t]):
         _close(a, b)
+
+
+def test_scale_at_maps_evaluations_to_their_step():
+    sigmas = jnp.asarray([14.6, 7.0, 3.1, 1.2, 0.4, 0.0])  # 5 steps
+    scales = jnp.asarray(controlnet_step_scales(5, 0.5, 0.2, 0.6))  # steps 1, 2 on
+    np.testing.assert_allclose(scales, [0, 0.5, 0.5, 0, 0])
+    at = jax.jit(scale_at)
+    for i in range(5):
+        assert float(at(sigmas[i], sigmas, scales)) == float(scales[i])  # the step's own start
+        mid = (sigmas[i] + sigmas[i + 1]) / 2  # a Heun/DPM2 midpoint belongs to the same step
+        assert float(at(jnp.full((4,), mid), sigmas, scales)) == float(scales[i])
+    multi = jnp.asarray(controlnet_step_scales(5, [1.0, 2.0], [0.0, 0.6], 1.0))
+    np.testing.assert_allclose(at(sigmas[3], sigmas, multi), [1.0, 2.0])
+    np.testing.assert_allclose(at(sigmas[1], sigmas, multi), [1.0, 0.0])
