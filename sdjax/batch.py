@@ -91,14 +91,23 @@ def _complete(path: Path) -> bool:
         return False
 
 
-def check_output_folder(out: Path) -> None:
-    """Create `out` if needed and check that it is writable (BatchError otherwise)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BatchError(f"cannot create output folder {os.fspath(out)!r}: {e}") from e
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise BatchError(f"output folder {os.fspath(out)!r} is not writable")
+def check_output_folder(out: Path, create: bool = True) -> None:
+    """Check that `out` can be written (BatchError otherwise); create it when `create`.
+
+    With create=False nothing is made: the nearest existing ancestor must be a writable folder,
+    so a run that fails later (a bad model) leaves no empty output folder behind."""
+    out = Path(out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BatchError(f"output folder {os.fspath(out)!r} is not writable ({os.fspath(probe)!r} is not a "
+                         "writable folder)")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BatchError(f"cannot create output folder {os.fspath(out)!r}: {e}") from e
 
 
 def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: bool = False,

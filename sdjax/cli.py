@@ -212,8 +212,8 @@ def _run(args) -> int:
     _validate(o, command)
     out = Path(o["out"])
     single_file = out.suffix.lower() == ".png" and not o.get("prompts_file")
-    batch.check_output_folder(out.parent if single_file else out)
     model = _model_path(o)
+    batch.check_output_folder(out.parent if single_file else out, create=False)
 
     entries = batch.read_prompts_file(o["prompts_file"]) if o.get("prompts_file") else [(0, {"prompt": o["prompt"]})]
     _enable_compilation_cache()
