@@ -40,7 +40,8 @@ def test_batch_of_4_equals_4_batches_of_1(pipe):
     batch = pipe.generate(["a", "b", "c", "d"], seed=10, batch_size=4, **KW)
     for i in range(4):
         one = pipe.generate("abcd"[i], seed=10 + i, **KW)
-        np.testing.assert_allclose(batch.latents[i], one.latents[0], rtol=1e-4, atol=1e-4)  # fp32 batch-size rounding
+        scale = np.abs(one.latents).max()  # fp32 batch-size rounding, relative to the latent scale
+        np.testing.assert_allclose(batch.latents[i], one.latents[0], atol=2e-5 * scale)
         diff = np.abs(np.asarray(batch.images[i], np.int16) - np.asarray(one.images[0], np.int16))
         assert diff.max() <= 1
         assert f"Seed: {10 + i}" in batch.infotexts[i]
