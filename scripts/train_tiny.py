@@ -41,34 +41,15 @@ def stage_tokenizer(out: Path) -> Path:
 
 
 def stage_init(out: Path, spec: dict, tokenizer_dir: Path, seed: int) -> Path:
-    from flax import nnx
-    from transformers import CLIPTokenizer
-
-    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-    from sdjax.models.vae import AutoencoderKL, VAEConfig
-    from sdjax.weights import export
-    from sdjax.weights.mapping import export_state
+    from sdjax.train.init import init_pipeline_folder
 
     folder = out / "init"
-    if (folder / "model_index.json").exists():
-        return folder
-    tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
-    te = dict(spec["text_encoder"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    models = {
-        "text_encoder": (CLIPTextModel, CLIPTextConfig, te),
-        "vae": (AutoencoderKL, VAEConfig, spec["vae"]),
-        "unet": (UNet2DConditionModel, UNetConfig, spec["unet"]),
-    }
-    for i, (name, (cls, cfg_cls, d)) in enumerate(models.items()):
-        model = cls(cfg_cls.from_dict(d), rngs=nnx.Rngs(seed + i))
-        export.save_component(folder, name, export_state(model), d)
-    export.copy_tokenizer(tokenizer_dir, folder)
-    export.save_scheduler(folder, spec["scheduler"])
-    export.save_model_index(folder, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
-                            scheduler_class=spec["scheduler"]["_class_name"])
-    log(f"random initial weights written to {folder}")
+    if not (folder / "model_index.json").exists():
+        tmp = out / "init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        init_pipeline_folder(tmp, spec, tokenizer_dir, seed)
+        tmp.rename(folder)
+        log(f"random initial weights written to {folder}")
     return folder
 
 

@@ -9,6 +9,7 @@ state, EMA and step come back from the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,8 @@ class Trainer:
         # One optimizer step consumes grad_accum loader batches of batch_size examples.
         self.loader = CaptionLoader(self.dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
                                     caption_dropout=cfg.caption_dropout)
-        self.mesh = mesh or parallel.make_mesh()
+        # Data parallel over as many devices as evenly split the batch.
+        self.mesh = mesh or parallel.make_mesh(data=math.gcd(cfg.batch_size, jax.device_count()))
         model = DiscreteModel.from_config(self.pipe.scheduler_config)
         compute = jnp.bfloat16 if cfg.mixed_precision == "bf16" else jnp.float32
 
@@ -73,7 +75,8 @@ class Trainer:
             prediction_type=model.prediction_type)
 
         repl = parallel.replicated(self.mesh)
-        put = lambda tree: jax.device_put(tree, repl)  # noqa: E731
+        # Copies: the train state is donated to the step, and must not alias the pipeline's weights.
+        put = lambda tree: jax.device_put(jax.tree.map(jnp.copy, tree), repl)  # noqa: E731
         params = {"unet": put(self.pipe.unet.state)}
         frozen = {"vae": put(self.pipe.vae.state)}
         if cfg.train_text_encoder:
@@ -81,7 +84,9 @@ class Trainer:
         else:
             frozen["text_encoder"] = put(self.pipe.text_encoder.state)
         self.frozen = frozen
-        self.state = train_step_lib.init_state(params, self.optimizer, ema=cfg.ema_decay is not None)
+        # Every leaf placed explicitly (optimizer counters included), so a restored state
+        # lands on the same devices as a fresh one.
+        self.state = put(train_step_lib.init_state(params, self.optimizer, ema=cfg.ema_decay is not None))
         self.batch_sharding = parallel.batch_sharding(self.mesh, batch_axis=1)
         self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.keep_checkpoints)
