@@ -48,6 +48,13 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = ()
     sample_steps: int = 20
     seed: int = 0
+    # LoRA: with lora_rank set only low-rank factors are trained (base weights frozen);
+    # lora_alpha defaults to the rank (scale 1); targets: see sdjax.train.lora (module-name
+    # suffixes, "text_encoder:" prefix for the text encoder, groups "attn", "ff",
+    # "text_encoder:attn", "text_encoder:mlp").
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __post_init__(self):
         if self.mixed_precision not in ("no", "bf16"):
@@ -62,6 +69,16 @@ class TrainConfig:
             raise ConfigError(f"caption_dropout={self.caption_dropout}: must be in [0, 1]")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay}: must be in (0, 1), or null for no EMA")
+        if self.lora_rank is not None:
+            if self.lora_rank < 1:
+                raise ConfigError(f"lora_rank={self.lora_rank!r}: must be a positive integer, or null for full fine-tuning")
+            if self.train_text_encoder:
+                raise ConfigError("train_text_encoder with lora_rank: LoRA the text encoder through lora_targets "
+                                  "instead (e.g. 'text_encoder:attn')")
+            if not self.lora_targets:
+                raise ConfigError("lora_targets is empty: name at least one module (default: to_q, to_k, to_v, to_out.0)")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha={self.lora_alpha!r}: must be positive, or null for alpha = rank")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -70,8 +87,9 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training option(s) {unknown}; valid options: {sorted(names)}")
         d = dict(d)
-        if "sample_prompts" in d:
-            d["sample_prompts"] = tuple(d["sample_prompts"])
+        for key in ("sample_prompts", "lora_targets"):
+            if isinstance(d.get(key), (list, tuple)):
+                d[key] = tuple(d[key])
         try:
             return cls(**d)
         except TypeError as e:  # a required option is missing
@@ -89,4 +107,5 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sample_prompts"] = list(self.sample_prompts)
+        d["lora_targets"] = list(self.lora_targets)
         return d
