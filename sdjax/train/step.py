@@ -53,6 +53,7 @@ def make_train_step(
     scaling_factor: float,
     alphas_cumprod: jax.Array,
     prediction_type: str,
+    merge_params: Callable[[Any, Any], Any] | None = None,
 ) -> Callable:
     """Build `train_step(state, frozen, batch, key) -> (state, metrics)`.
 
@@ -62,11 +63,16 @@ def make_train_step(
     batch: {"images": (A, B, H, W, 3) float32, "input_ids": (A, B, 77) int32} with A = grad_accum
     micro-batches, scanned; gradients are averaged over them. `key` is the step's key
     (fold_in(run_key, step)), so a resumed run draws the same noise.
+    merge_params(trainable, frozen) -> {"unet": State[, "text_encoder": State]}: the model
+    weights built from the trainable params (LoRA: frozen base + low-rank factors); None
+    means the trainable params are the weights.
     """
     num_t = alphas_cumprod.shape[0]
 
     def micro_loss(trainable, frozen, images, input_ids, key):
         k_lat, k_t, k_noise = jax.random.split(key, 3)
+        if merge_params is not None:
+            trainable = merge_params(trainable, frozen)
         mean, logvar = vae_encode(frozen["vae"], images)
         latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32) * scaling_factor)
