@@ -8,6 +8,13 @@ Every image is written atomically (`images.save_png`) as `NNNNN-SEED.png` in the
 folder, and a line is appended to `manifest.jsonl` after it. A rerun skips images whose
 file exists and reads back (a crash between the PNG and its manifest line is repaired by
 re-adding the line), so an interrupted run, rerun, ends with each image exactly once.
+
+Many hosts: `host_share(jobs, index, count)` gives host `index` of `count` a contiguous block
+of the run's images in their global order (host h: images [h*N//count, (h+1)*N//count)), so
+the hosts together make every image exactly once; a job cut by a block edge becomes a smaller
+job with the same seeds (image i of a batch depends only on its own seed). Each host appends
+to its own manifest (`manifest_name`), since a manifest has one writer; a rerun reads all of
+them and, as above, skips the images already written by any host.
 """
 
 from __future__ import annotations
@@ -84,6 +91,47 @@ def plan(entries, defaults: dict[str, Any], batch_count: int = 1) -> list[Job]:
     return jobs
 
 
+def _sub_job(job: Job, a: int, b: int) -> Job:
+    """Images [a, b) of `job` as a job of their own: same seeds, prompts and files."""
+    options = {**job.options, "batch_size": b - a, "seed": int(job.options["seed"]) + a}
+    if options.get("subseed") is not None:
+        options["subseed"] = int(options["subseed"]) + a
+    for key in ("prompt", "negative_prompt"):
+        if isinstance(options.get(key), (list, tuple)):
+            options[key] = list(options[key])[a:b]
+    return Job(job.line, options, job.names[a:b])
+
+
+def host_share(jobs: list[Job], index: int, count: int) -> list[Job]:
+    """The jobs host `index` of `count` runs: images [index*N//count, (index+1)*N//count) of
+    the N images of `jobs` in order (see the module docstring). Deterministic: every host
+    computes the same split from the same prompts file and options."""
+    if count < 1 or not 0 <= index < count:
+        raise BatchError(f"host index {index} is not in [0, {count})")
+    total = sum(len(j.names) for j in jobs)
+    lo, hi = index * total // count, (index + 1) * total // count
+    out, start = [], 0
+    for job in jobs:
+        n = len(job.names)
+        a, b = max(lo - start, 0), min(hi - start, n)
+        if a < b:
+            out.append(job if (a, b) == (0, n) else _sub_job(job, a, b))
+        start += n
+    return out
+
+
+def manifest_name(index: int = 0, count: int = 1) -> str:
+    """The manifest file of host `index` of `count`: manifest.jsonl for a single host."""
+    return MANIFEST if count == 1 else f"manifest-{index:05d}-of-{count:05d}.jsonl"
+
+
+def read_manifests(out: Path) -> list[dict]:
+    """The records of every manifest in `out` (all hosts, any host count), file by file."""
+    out = Path(out)
+    files = sorted(set(out.glob("manifest-*-of-*.jsonl")) | ({out / MANIFEST} if (out / MANIFEST).exists() else set()))
+    return [r for f in files for r in read_jsonl(f)]
+
+
 def _complete(path: Path) -> bool:
     try:
         return read_infotext(path) is not None
@@ -111,15 +159,17 @@ def check_output_folder(out: Path, create: bool = True) -> None:
 
 
 def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: bool = False,
-             on_image: Callable[[str, bool], None] | None = None) -> list[Path]:
+             on_image: Callable[[str, bool], None] | None = None, manifest: str = MANIFEST) -> list[Path]:
     """Run the jobs whose images are missing; returns the paths of all images, in order.
 
     generate(**options) -> result with .images and .infotexts. on_image(name, skipped) reports
-    progress. The manifest gets one record per image: file, line, seed, prompt, infotext.
+    progress. The manifest (file name `manifest` in `out`; one per host, see `manifest_name`)
+    gets one record per image: file, line, seed, prompt, infotext. Images recorded in any
+    host's manifest are not recorded again.
     """
     check_output_folder(out)
-    manifest = out / MANIFEST
-    recorded = {r.get("file") for r in read_jsonl(manifest)} if manifest.exists() else set()
+    recorded = {r.get("file") for r in read_manifests(out)}
+    manifest = out / manifest
     paths = []
     for job in jobs:
         targets = [out / n for n in job.names]
