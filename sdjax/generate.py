@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sdjax import generation, metadata, prompts, sampling, tasks
+from sdjax import generation, metadata, networks, prompts, sampling, tasks
 from sdjax.images import to_pil
 from sdjax.tasks import TaskError
 
@@ -73,15 +73,17 @@ def discrete_model(pipe) -> sampling.DiscreteModel:
     return model
 
 
-def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip_skip: int = 1):
+def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip_skip: int = 1, *,
+                   tokenizer=None, te_state=None):
     """A1111 prompt encoding for a batch: cond, uncond float32 (B, n * 77, D).
 
     Each prompt is split into 75-token chunks with emphasis weights (`sdjax.prompts`),
     encoded chunk by chunk (clip skip N: final_layer_norm(hidden_states[-N])), re-weighted with
     A1111's mean restoration and joined along the sequence axis; all prompts and negative
     prompts of the batch are padded with empty-prompt chunks to the same chunk count.
+    tokenizer, te_state: use these instead of the pipeline's (embeddings, LoRA-merged weights).
     """
-    tok = pipe.tokenizer
+    tok = pipe.tokenizer if tokenizer is None else tokenizer
     empty = prompts.tokenize_prompt(tok, "")
     # <lora:...> tags are applied to the weights by the caller, not encoded (A1111).
     tokens = {t: prompts.tokenize_prompt(tok, prompts.extract_lora_tags(t).prompt)
@@ -91,7 +93,7 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     fn = generation.text_encoder_fn(pipe.text_encoder.graphdef)
 
     def encode_fn(ids, clip_skip):
-        return fn(pipe.text_encoder.state, ids, clip_skip=clip_skip)
+        return fn(pipe.text_encoder.state if te_state is None else te_state, ids, clip_skip=clip_skip)
 
     encoded = {}
     for text, t in tokens.items():
@@ -110,9 +112,40 @@ def img2img_start(strength: float, steps: int) -> int:
     return max(steps - t_enc - 1, 0)
 
 
+# Inputs without a batch axis (replicated when the batch is sharded).
+_UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control")
+
+
+def _placed(pipe, inputs: dict, b: int, devices, fsdp, mesh, unet_state=None) -> tuple:
+    """(unet_state, vae_state, inputs) for the jitted function: as they are on one device, or,
+    with a mesh (`mesh`, or `sdjax.parallel.device_mesh(devices, fsdp)`), the batch padded to a
+    multiple of the data x fsdp size and sharded over it, the weights replicated (fsdp=1) or
+    FSDP-sharded. Sharded weights are cached on the pipeline per (weights, mesh, mode)."""
+    from sdjax import parallel
+
+    unet_state = pipe.unet.state if unet_state is None else unet_state  # LoRA-merged copy
+    mesh = parallel.device_mesh(devices, fsdp) if mesh is None else mesh
+    if mesh is None:
+        return unet_state, pipe.vae.state, inputs
+    mode = "fsdp" if mesh.shape["fsdp"] > 1 else "replicate"
+    cached = getattr(pipe, "_sdjax_placed", None)
+    if cached is None or cached[0] is not unet_state or cached[1] is not pipe.vae.state or cached[2] != (mesh, mode):
+        states = parallel.shard_params((unet_state, pipe.vae.state), mesh, mode)
+        cached = (unet_state, pipe.vae.state, (mesh, mode), states)
+        pipe._sdjax_placed = cached
+    return (*cached[3], parallel.shard_batch(inputs, mesh, b, unbatched=_UNBATCHED))
+
+
 def _check_size(width: int, height: int) -> None:
     if width <= 0 or height <= 0 or width % 8 or height % 8:
         raise TaskError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
+def native_size(pipe) -> int:
+    """The model's own resolution in pixels, as diffusers: unet sample_size x VAE downscale (512 for SD 1.5)."""
+    size = pipe.unet.config.sample_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size or 64) * pipe.vae.config.downscale
 
 
 def generate(
@@ -144,13 +177,36 @@ def generate(
     timestep_mode: str = "continuous",
     progress: Callable[[int], None] | None = None,
     extra_params: dict | None = None,
+    lora_dir: str | None = None,
+    loras: Sequence[Any] | None = None,
+    lora_strict: bool = True,
+    embeddings: Sequence[Any] | None = None,
+    embeddings_dir: str | None = None,
+    controlnets: Sequence[Any] | None = None,
+    record_control: bool = False,
+    devices: int | str | None = None,
+    fsdp: int | str = 1,
+    mesh: Any = None,
     **knobs,
 ) -> GenerationResult:
     """Generate `batch_size` images; see `Pipeline.generate` for the parameters.
 
+    Devices: by default one device runs the whole batch. devices="all" (every local device)
+    or N (the first N) splits the batch over them: B is padded to a multiple of the device
+    count and trimmed, and every image equals the same seed made alone (to fp rounding).
+    fsdp=K (dividing the device count; "all" = every one) shards the weights over K of them
+    instead of replicating them. mesh: an explicit `sdjax.parallel.make_mesh` mesh instead.
+
     Returns GenerationResult(images, latents (B, H/8, W/8, C) scaled, infotexts, seeds).
     Raises TaskError / UnknownNameError (both `SdjaxError`) for bad input.
     """
+    if mesh is None and devices is not None:
+        from sdjax import parallel
+
+        try:
+            mesh = parallel.device_mesh(devices, fsdp)
+        except ValueError as e:
+            raise TaskError(str(e)) from None
     if not isinstance(steps, int) or steps < 1:
         raise TaskError(f"steps must be a positive integer, got {steps!r}")
     sampler_id, schedule_id = sampling.resolve(sampler, schedule)
@@ -167,7 +223,8 @@ def generate(
     if init_pil is not None:
         width = init_pil.width if width is None else width
         height = init_pil.height if height is None else height
-    width, height = width or 512, height or 512
+    native = native_size(pipe)
+    width, height = width or native, height or native
     _check_size(width, height)
     if init_pil is None and mask is not None:
         raise TaskError("a mask needs an init image")
@@ -189,7 +246,12 @@ def generate(
     else:
         noise = seed_noise
 
-    cond, uncond = encode_prompts(pipe, prompt_list, negative_list, clip_skip)
+    # LoRAs (prompt tags, `loras`) and embeddings: merged copies of the weights for this call.
+    nets = networks.apply_networks(pipe, prompt_list, negative_list, lora_dir=lora_dir, loras=loras,
+                                   lora_strict=lora_strict, embeddings=embeddings,
+                                   embeddings_dir=embeddings_dir)
+    cond, uncond = encode_prompts(pipe, nets.prompts, nets.negatives, clip_skip, tokenizer=nets.tokenizer,
+                                  te_state=nets.te_state)
     inputs: dict[str, Any] = {
         "cond": cond, "uncond": uncond, "cfg_scale": jnp.float32(cfg_scale), "noise": noise,
         "sigmas": jnp.asarray(sigmas), "start": jnp.int32(start), "keys": keys,
@@ -221,14 +283,24 @@ def generate(
     elif nine:
         raise TaskError("this is an inpainting checkpoint (9-channel UNet): pass init_image and mask")
 
+    params_extra.update(nets.infotext)
+    control_static: tuple = ()
+    if controlnets:
+        from sdjax import control
+
+        if job is not None and inpaint_full_res:
+            raise TaskError("ControlNet with only-masked inpainting (inpaint_full_res) is not supported")
+        prepared = control.prepare(pipe, controlnets, width, height, steps, start, b)
+        inputs["control"], control_static = prepared.inputs, prepared.static
+        params_extra.update(prepared.infotext)
     static = tuple(sorted((k, v) for k, v in knobs.items() if k in _STATIC_KNOBS))
     spec = generation.Spec(sampler_id, task, nine and task == "inpaint", static, progress is not None,
-                           timestep_mode)
+                           timestep_mode, controlnets=control_static, record_control=record_control)
     fn = generation.build(pipe.unet.graphdef, pipe.vae.graphdef, model, spec, pipe.vae.scaling_factor)
     with generation.progress_hook(progress):
-        latents, images = fn(pipe.unet.state, pipe.vae.state, inputs)
-        latents = np.asarray(latents)
-        images = np.asarray(images)
+        latents, images = fn(*_placed(pipe, inputs, b, devices, fsdp, mesh, nets.unet_state))
+        latents = np.asarray(latents)[:b]  # padded rows of a sharded batch dropped
+        images = np.asarray(images)[:b]
         jax.effects_barrier()
     pil = to_pil(images)
     if job is not None:
