@@ -7,6 +7,9 @@
     sdjax generate --prompts-file prompts.txt --out folder/      (resumable, manifest.jsonl)
     sdjax generate --from-png image.png --out again.png          (same image, same machine)
     sdjax info image.png
+    sdjax generate --prompts-file p.txt --batch-size 8 --devices all [--fsdp 2]   (batch over devices)
+    sdjax generate --prompts-file p.txt --out shared/ --coordinator-address HOST:PORT \
+        --num-processes 2 --process-id 0   (one process per host; each writes only its images)
 
 Errors in the input (sizes, strength, sampler names, model path, output folder) print one
 line on stderr and exit with status 2; nothing is written. JAX's persistent compilation
@@ -82,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--grid", action="store_true", help="also write grid.png")
         s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
+        add_parallel_flags(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -101,6 +105,56 @@ def _parser() -> argparse.ArgumentParser:
             for side in ("left", "right", "up", "down"):
                 s.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
     return p
+
+
+def add_parallel_flags(s: argparse.ArgumentParser) -> None:
+    """--devices, --fsdp and the multi-host flags (see README "Running on many devices and hosts")."""
+    g = s.add_argument_group("devices and hosts")
+    g.add_argument("--devices", help="split each batch over 'all' local devices or the first N (default: one)")
+    g.add_argument("--fsdp", help="shard the weights over N of those devices ('all' = every one) "
+                                  "instead of replicating them (default 1)")
+    g.add_argument("--coordinator-address", help="multi-host: HOST:PORT of process 0, or 'auto' for JAX's "
+                                                 "cluster detection (env SDJAX_COORDINATOR)")
+    g.add_argument("--num-processes", type=int, help="multi-host: number of processes (env SDJAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, help="multi-host: this process's index (env SDJAX_PROCESS_ID)")
+
+
+def start_distributed(o: dict) -> tuple[int, int]:
+    """Start jax.distributed from the flags / environment when this is a multi-process run;
+    returns (process index, process count), (0, 1) for a single process."""
+    from sdjax import parallel
+
+    try:
+        parallel.distributed_init(o.get("coordinator_address"), o.get("num_processes"), o.get("process_id"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+def _device_kwargs(o: dict) -> dict:
+    """devices / fsdp options for Pipeline.generate from --devices / --fsdp."""
+    kw = {}
+    for k in ("devices", "fsdp"):
+        v = o.get(k)
+        if v is not None:
+            if v != "all" and not (v.isdigit() and int(v) >= 1):
+                raise UsageError(f"--{k} must be 'all' or a positive integer, got {v!r}")
+            kw[k] = v if v == "all" else int(v)
+    if "fsdp" in kw and "devices" not in kw:
+        raise UsageError("--fsdp needs --devices (the devices to shard the weights over)")
+    return kw
+
+
+def _shared_seed(seed: int, count: int) -> int:
+    """Process 0's seed on every process (a random --seed -1 must be the same everywhere)."""
+    if count == 1:
+        return seed
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.uint32(seed)))
 
 
 def _from_png(path: str) -> dict:
@@ -216,13 +270,20 @@ def _run(args) -> int:
     batch.check_output_folder(out.parent if single_file else out, create=False)
 
     entries = batch.read_prompts_file(o["prompts_file"]) if o.get("prompts_file") else [(0, {"prompt": o["prompt"]})]
+    device_kw = _device_kwargs(o)
     _enable_compilation_cache()
+    host, hosts = start_distributed(o)
+    if hosts > 1 and single_file:
+        raise UsageError("a multi-host run writes a folder: --out must not be a .png file")
+    o["seed"] = _shared_seed(o["seed"], hosts)
     import sdjax
 
     pipe = sdjax.load_pipeline(model, o["dtype"])
     defaults = _generate_kwargs(o, command)
     defaults.pop("prompt", None)
-    jobs = batch.plan(entries, defaults, o["batch_count"])
+    defaults.update(device_kw)
+    all_jobs = batch.plan(entries, defaults, o["batch_count"])
+    jobs = batch.host_share(all_jobs, host, hosts)  # this host's images only
     show = o["progress"] if o.get("progress") is not None else sys.stderr.isatty()
     bar = None
     if show:
@@ -252,13 +313,31 @@ def _run(args) -> int:
                 if bar is not None:
                     bar.update(1)
     else:
-        paths = batch.run_jobs(generate, jobs, out, grid=o.get("grid", False),
-                               on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None)
+        paths = batch.run_jobs(generate, jobs, out, grid=o.get("grid", False) and hosts == 1,
+                               on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None,
+                               manifest=batch.manifest_name(host, hosts))
+        if hosts > 1:
+            _finish_hosts(out, all_jobs, host, o.get("grid", False))
     if bar is not None:
         bar.close()
     for p in paths:
         print(p)
     return 0
+
+
+def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
+    """Wait for every host; then process 0 writes grid.png when all images are visible to it."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("sdjax generate done")
+    if grid and host == 0:
+        from PIL import Image
+
+        from sdjax.images import make_grid, save_png
+
+        paths = [out / n for job in all_jobs for n in job.names]
+        if all(p.exists() for p in paths):  # else the folder is not shared between hosts
+            save_png(make_grid([Image.open(p) for p in paths]), out / "grid.png")
 
 
 def _step_bar(bar, kw):
