@@ -85,7 +85,10 @@ class Spec:
     inpaint_channels: the UNet takes 9 channels (latents, mask, masked-image latents);
     static_knobs: sampler knobs that pick code paths, as sorted (name, value) pairs;
     progress: stage the per-step host callback (only when a progress bar is shown);
-    timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`).
+    timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`);
+    controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.control`; their states, images
+    and per-step scales are the traced `inputs["control"]`); record_control: report the
+    ControlNet scales used at each evaluation (`sdjax.control.record_scales`).
     """
 
     sampler: str
@@ -94,6 +97,8 @@ class Spec:
     static_knobs: tuple[tuple[str, Any], ...] = ()
     progress: bool = False
     timestep_mode: str = "continuous"
+    controlnets: tuple = ()
+    record_control: bool = False
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -165,8 +170,16 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             x = init + noise * sigmas[start]
         if spec.task == "inpaint" and spec.inpaint_channels:
             extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
+        residuals = None
+        if spec.controlnets:
+            from sdjax.control import residuals_hook
+
+            # The hook sees UNet timesteps: map the schedule the same way (sampling.make_denoiser).
+            levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
+            levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
+            residuals = residuals_hook(spec.controlnets, inputs["control"], levels, spec.record_control)
         denoise = guided_denoiser(model, unet, inputs["cond"], inputs["uncond"], inputs["cfg_scale"], extra,
-                                  timestep_mode=spec.timestep_mode)
+                                  residuals=residuals, timestep_mode=spec.timestep_mode)
         if blend:
             # A1111 (CFGDenoiser, mask applied after denoising): outside the mask the x0
             # prediction is the original latent, so those latents stay at the noised original.
