@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel
+from sdjax.train import lora as lora_lib
 from sdjax.train import step as train_step_lib
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.config import TrainConfig
@@ -67,18 +68,28 @@ class Trainer:
         def vae_encode(state, images):
             return nnx.merge(vae_graph, state).encode(images)
 
+        # LoRA: the trainable params are low-rank factors; the step merges them into the frozen base.
+        self.lora = lora_lib.make_spec({"unet": self.pipe.unet.state, "text_encoder": self.pipe.text_encoder.state},
+                                       cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None
+        merge_params = (lambda trainable, frozen: lora_lib.merged_states(self.lora, frozen, trainable)) \
+            if self.lora is not None else None
         self.optimizer = train_step_lib.make_optimizer(cfg)
         step_fn = train_step_lib.make_train_step(
             cfg, self.optimizer, unet_apply=unet_apply, text_apply=text_apply, vae_encode=vae_encode,
             scaling_factor=float(self.pipe.vae.config.scaling_factor),
             alphas_cumprod=jnp.asarray(model.alphas_cumprod, jnp.float32),
-            prediction_type=model.prediction_type)
+            prediction_type=model.prediction_type, merge_params=merge_params)
 
         repl = parallel.replicated(self.mesh)
         # Copies: the train state is donated to the step, and must not alias the pipeline's weights.
         put = lambda tree: jax.device_put(jax.tree.map(jnp.copy, tree), repl)  # noqa: E731
         params = {"unet": put(self.pipe.unet.state)}
         frozen = {"vae": put(self.pipe.vae.state)}
+        if self.lora is not None:  # base UNet frozen: neither in the optimizer state nor updated
+            frozen["unet"] = params.pop("unet")
+            params = put(lora_lib.init_params(self.lora, {"unet": self.pipe.unet.state,
+                                                          "text_encoder": self.pipe.text_encoder.state},
+                                              jax.random.fold_in(jax.random.key(cfg.seed), 1)))
         if cfg.train_text_encoder:
             params["text_encoder"] = put(self.pipe.text_encoder.state)
         else:
@@ -156,6 +167,9 @@ class Trainer:
     def trained_states(self, use_ema: bool = True) -> dict:
         """The component states to export: EMA weights when EMA is on (and `use_ema`)."""
         params = self.state["ema"] if (use_ema and self.state["ema"] is not None) else self.state["params"]
+        if self.lora is not None:  # base weights with the LoRA merged in
+            merged = jax.jit(lambda p, f: lora_lib.merged_states(self.lora, f, p))(params, self.frozen)
+            return {"unet": self.frozen["unet"], **merged}
         return dict(params)
 
     def export(self, out_dir: str | Path | None = None, *, dtype: str | None = None,
@@ -163,10 +177,27 @@ class Trainer:
         """Write the trained model as a diffusers folder (safetensors) that diffusers loads."""
         from sdjax.weights.export import save_pipeline
 
+        if self.lora is not None:
+            return self.export_lora(out_dir, dtype=dtype, use_ema=use_ema)
         out_dir = Path(out_dir) if out_dir is not None else self.out / "model"
         states = self.trained_states(use_ema)
         return save_pipeline(self.pipe, out_dir, dtype=dtype, unet_state=states["unet"],
                              text_encoder_state=states.get("text_encoder"))
+
+    def export_lora(self, path: str | Path | None = None, *, dtype: str | None = None,
+                    use_ema: bool = True) -> Path:
+        """Write the trained LoRA as a kohya `.safetensors` (A1111 / ComfyUI / diffusers load it).
+        path: a `.safetensors` file, or a folder for `<folder>/lora.safetensors` (default: output_dir)."""
+        path = Path(path) if path is not None else self.out
+        if path.suffix != ".safetensors":
+            path = path / "lora.safetensors"
+        params = self.state["ema"] if (use_ema and self.state["ema"] is not None) else self.state["params"]
+        cfg = self.cfg
+        meta = {"ss_steps": self.step, "ss_learning_rate": cfg.learning_rate, "ss_resolution": cfg.resolution,
+                "ss_seed": cfg.seed, "ss_num_train_images": len(self.dataset),
+                "ss_base_model_version": {768: "sd_v1", 1024: "sd_v2"}.get(
+                    self.pipe.unet.config.cross_attention_dim[0], "sdjax_custom")}
+        return lora_lib.save_kohya(path, self.lora, jax.device_get(params), dtype=dtype, metadata=meta)
 
     def write_samples(self) -> None:
         """Images for cfg.sample_prompts with the current weights, under `samples/<step>/`."""
