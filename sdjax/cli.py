@@ -24,6 +24,7 @@ import random
 import sys
 from pathlib import Path
 
+from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.errors import SdjaxError
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print an image's generation parameters")
     info.add_argument("image")
+    add_convert_parser(sub)
     for name in ("generate", "img2img", "inpaint", "outpaint"):
         s = sub.add_parser(name, help=f"{name} (see sdjax {name} --help)")
         s.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
@@ -86,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
         add_parallel_flags(s)
+        add_network_arguments(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -252,6 +255,7 @@ def _generate_kwargs(o: dict, command: str) -> dict:
     if command == "outpaint":
         kw.update(mask_blur=o["mask_blur"], strength=o["strength"] if "strength" in o.get("_explicit", ()) else 1.0)
         kw["inpainting_fill"] = o["masked_content"] if "masked_content" in o.get("_explicit", ()) else "fill"
+    kw.update(network_kwargs(o))  # LoRA, embeddings, ControlNet (sdjax.cli_networks)
     return kw
 
 
@@ -365,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "convert":
+            return run_convert(args)
         return _info(args) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)
