@@ -168,7 +168,7 @@ class Pipeline:
 
         Returns `sdjax.generate.GenerationResult`: `.images` (PIL), `.latents` (B, H/8, W/8, C)
         float32 scaled, `.infotexts` (A1111 parameters), `.seeds`. width/height default to the
-        init image's size, else 512. `noise`: explicit unit-variance latents (B, H/8, W/8, C),
+        init image's size, else the model's own (unet sample_size x 8: 512 for SD 1.5). `noise`: explicit unit-variance latents (B, H/8, W/8, C),
         scaled by the first sigma. Other options (subseed, subseed_strength, clip_skip, mask_blur,
         inpainting_fill, inpaint_full_res, inpaint_full_res_padding, paste_back, sigmas,
         timestep_mode, progress, eta, ...): see `sdjax.generate.generate`.
