@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
+from sdjax.cli_train import add_train_parser, run_train
 from sdjax.errors import SdjaxError
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print an image's generation parameters")
     info.add_argument("image")
     add_convert_parser(sub)
+    add_train_parser(sub)
     for name in ("generate", "img2img", "inpaint", "outpaint"):
         s = sub.add_parser(name, help=f"{name} (see sdjax {name} --help)")
         s.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
@@ -371,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return run_convert(args)
+        if args.command == "train":
+            return run_train(args)
         return _info(args) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)

@@ -82,6 +82,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_comment" etc. are notes
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -214,9 +214,11 @@ class Trainer:
             save_png(result.images[0], folder / f"{i:03d}.png", result.infotexts[0])
 
 
-def train(cfg: TrainConfig, **kw) -> Trainer:
-    """Run (or resume) a fine-tuning run to the end and export it; returns the Trainer."""
+def train(cfg: TrainConfig, *, progress: bool = True, export_dtype: str | None = None, **kw) -> Trainer:
+    """Run (or resume) a fine-tuning run to the end and export it (a diffusers folder at
+    output_dir/model, or output_dir/lora.safetensors for LoRA runs, path in `trainer.exported`);
+    `kw` goes to Trainer. Returns the Trainer."""
     trainer = Trainer(cfg, **kw)
-    trainer.run()
-    trainer.export()
+    trainer.run(progress=progress)
+    trainer.exported = trainer.export(dtype=export_dtype)
     return trainer
