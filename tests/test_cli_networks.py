@@ -1,0 +1,116 @@
+"""`sdjax` CLI in subprocesses: --lora-dir / --lora, --embeddings-dir, ControlNet flags with
+--save-control-image, and `sdjax convert` round trips (single file <-> diffusers folder)."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from sdjax.images import read_infotext
+from sdjax.metadata import parse_hashes, parse_infotext
+from sdjax_tiny import write_tiny_folder
+
+ARGS = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--sampler", "Euler"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jaxcache")
+    return {**os.environ, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_folder(tmp_path_factory.mktemp("m") / "tiny", seed=2)
+
+
+def sdjax(env, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _lora(path):
+    rng = np.random.default_rng(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": rng.standard_normal((4, 32)).astype(np.float32),
+               f"{key}.lora_up.weight": rng.standard_normal((32, 4)).astype(np.float32),
+               f"{key}.alpha": np.array(4.0, np.float32)}, str(path))
+
+
+def test_lora_dir_and_embeddings_dir(env, model, tmp_path):
+    (tmp_path / "loras").mkdir()
+    _lora(tmp_path / "loras" / "style.safetensors")
+    (tmp_path / "emb").mkdir()
+    save_file({"emb_params": np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)},
+              str(tmp_path / "emb" / "shinytok.safetensors"))
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    r = sdjax(env, "generate", "a shinytok cat <lora:style:0.7>", "--model", model, "--lora-dir", tmp_path / "loras",
+              "--embeddings-dir", tmp_path / "emb", "--out", a, *ARGS)
+    assert r.returncode == 0, r.stderr
+    info = parse_infotext(read_infotext(a))
+    data = (tmp_path / "loras" / "style.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    assert parse_hashes(info["Lora hashes"]) == {"style": hashlib.sha256(data[8 + n:]).hexdigest()[:12]}
+    assert set(parse_hashes(info["TI hashes"])) == {"shinytok"}
+    r = sdjax(env, "generate", "a shinytok cat", "--model", model, "--lora",
+              f"{tmp_path / 'loras' / 'style.safetensors'}:0.7", "--embedding", tmp_path / "emb" / "shinytok.safetensors",
+              "--out", b, *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))  # explicit file == tag
+    r = sdjax(env, "generate", "a shinytok cat", "--model", model, "--out", c, *ARGS)
+    assert r.returncode == 0, r.stderr
+    assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
+    # a tag that resolves to nothing: exit 2, one line, no file
+    r = sdjax(env, "generate", "x <lora:nope:1>", "--model", model, "--lora-dir", tmp_path / "loras",
+              "--out", tmp_path / "d.png", *ARGS)
+    assert r.returncode == 2 and "nope" in r.stderr and not (tmp_path / "d.png").exists()
+
+
+def test_controlnet_flags_and_saved_control_image(env, model, tmp_path):
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(model / "unet")
+    cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in cn.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    cn.save_pretrained(tmp_path / "cn")
+    img = np.zeros((48, 48, 3), np.uint8)
+    img[10:30, 12:40] = 255
+    Image.fromarray(img).save(tmp_path / "edges.png")
+    out = tmp_path / "out.png"
+    r = sdjax(env, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn", "--control-image",
+              tmp_path / "edges.png", "--control-preprocessor", "canny", "--control-scale", "0.8", "--control-end",
+              "0.5", "--save-control-image", tmp_path / "hints", "--out", out, *ARGS)
+    assert r.returncode == 0, r.stderr
+    hint = np.asarray(Image.open(tmp_path / "hints" / "control-0.png"))
+    assert hint.shape == (64, 64, 3) and set(np.unique(hint)) <= {0, 255} and hint.max() == 255
+    unit = parse_infotext(read_infotext(out))["ControlNet 0"]
+    assert unit.startswith("Module: canny, Model: cn [") and "Weight: 0.8" in unit and "Guidance End: 0.5" in unit
+    r = sdjax(env, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn", "--out", out, *ARGS)
+    assert r.returncode == 2 and "--control-image" in r.stderr
+
+
+def test_convert_round_trip(env, model, tmp_path):
+    one = tmp_path / "one.safetensors"
+    r = sdjax(env, "convert", model, one)
+    assert r.returncode == 0, r.stderr
+    r = sdjax(env, "convert", one, tmp_path / "folder", "--config-dir", model)
+    assert r.returncode == 0, r.stderr
+    two = tmp_path / "two.safetensors"
+    assert sdjax(env, "convert", tmp_path / "folder", two).returncode == 0
+    a, b = load_file(str(one)), load_file(str(two))
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    r = sdjax(env, "convert", one, tmp_path / "half", "--dtype", "float16", "--config-dir", model)
+    assert r.returncode == 0, r.stderr
+    half = load_file(str(next((tmp_path / "half" / "unet").glob("*.safetensors"))))
+    assert all(v.dtype == np.float16 for v in half.values())
+    r = sdjax(env, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
+    assert r.returncode == 2 and "does not exist" in r.stderr
