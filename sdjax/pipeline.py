@@ -172,6 +172,10 @@ class Pipeline:
         scaled by the first sigma. Other options (subseed, subseed_strength, clip_skip, mask_blur,
         inpainting_fill, inpaint_full_res, inpaint_full_res_padding, paste_back, sigmas,
         timestep_mode, progress, eta, ...): see `sdjax.generate.generate`.
+        LoRA: `<lora:NAME:M>` prompt tags resolved in `lora_dir`, `loras=[path or "PATH:M" or (path, M)]`,
+        `lora_strict=False` to warn on unmatched keys; embeddings: `embeddings=[paths]`,
+        `embeddings_dir=...` (`sdjax.networks`). ControlNet: `controlnets=[sdjax.control.ControlNetUnit(
+        model, image, scale, start, end, preprocessor, ...)]` (`sdjax.control`).
         """
         from sdjax.generate import generate
 
