@@ -52,20 +52,26 @@ class Plan:
     """What to measure. Sizes are pixels for images and latent pixels (image / 8) for the UNet."""
 
     tiny: bool = False
-    dtype: str = "float32"                   # the dtype of every comparison but memory/levers
+    dtype: str = "float32"                    # the dtype of every comparison but memory/levers
     unet_latents: tuple[int, ...] = (32, 64)  # UNet forward, batch 2 (cond + uncond)
-    images: tuple[int, ...] = (256, 512)      # txt2img, per image, batch 1
+    images: tuple[int, ...] = (256,)          # txt2img measured end to end, per image, batch 1
+    # txt2img estimated as text encoding + steps x UNet forward + VAE decode, all measured
+    # (512 x 20 steps takes ~10 min per side on 2 cores; `--images 256,512` measures it).
+    estimate_images: tuple[int, ...] = (512,)
     steps: int = 20
     guidance: float = 7.0
     repeats: int = 3
-    budget_s: float = 60.0                    # stop repeating an item after this much time
+    budget_s: float = 30.0                    # stop repeating an item after this much time
+    user_path: bool = False                   # also time Pipeline.generate (warm-up: a full call)
     batches: tuple[int, ...] = (1, 2, 4)      # scaling with batch size (at `steps`)
     step_counts: tuple[int, ...] = (10, 20, 40)  # scaling with steps (batch 1)
-    scaling_image: int = 256
-    compile_image: int = 512
+    scaling_image: int = 64
+    compile_image: int = 512                  # compiled ahead of time, cold and from the cache
     compile_steps: int = 20
-    memory_image: int = 512
-    memory_steps: int = 2                     # peak memory does not grow with steps
+    start_image: int = 256                    # time to the first result in a fresh process
+    start_steps: int = 1
+    memory_image: int = 256
+    memory_steps: int = 1                     # peak memory does not grow with steps
     lever_latent: int = 32
     matmul_n: int = 4096
     levers: str = "all"                       # "all", or "smoke": the first three of LEVERS
@@ -73,10 +79,12 @@ class Plan:
     worker_timeout_s: int = 1800
 
 
+# FULL takes ~20-25 min on 2 cores (AMD EPYC, float32); --levers adds ~10 min.
 FULL = Plan()
-QUICK = Plan(tiny=True, unet_latents=(8, 16), images=(64, 128), steps=3, repeats=2, budget_s=5.0,
-             batches=(1, 2), step_counts=(2, 4), scaling_image=64, compile_image=128, compile_steps=3,
-             memory_image=64, memory_steps=2, lever_latent=8, matmul_n=256, levers="smoke", worker_timeout_s=300)
+QUICK = Plan(tiny=True, unet_latents=(8, 16), images=(64,), estimate_images=(128,), steps=3, repeats=2,
+             budget_s=5.0, user_path=True, batches=(1, 2), step_counts=(2, 4), scaling_image=64,
+             compile_image=128, compile_steps=3, start_image=64, start_steps=2, memory_image=64,
+             memory_steps=2, lever_latent=8, matmul_n=256, levers="smoke", worker_timeout_s=300)
 
 
 @dataclasses.dataclass
@@ -240,9 +248,10 @@ def section_encode(ctx: Context) -> list[Row]:
         ts, _, out_s = measure(lambda: te(ids), repeats=ctx.plan.repeats, budget_s=ctx.plan.budget_s)
         td, _, out_d = measure(run_t, repeats=ctx.plan.repeats, budget_s=ctx.plan.budget_s)
     diff = _maxdiff(out_s, out_d.float().numpy())
+    ctx.cache["text_s"] = (ts, td)
     rows.append(Row("encode", "text encoder b2 (cond+uncond) x 77 tokens", "s", ts, td, f"max|diff| {diff:.1e}"))
     rng = np.random.default_rng(ctx.plan.seed)
-    for size in ctx.plan.images:
+    for size in sorted(set(ctx.plan.images) | set(ctx.plan.estimate_images)):
         z = rng.standard_normal((1, size // 8, size // 8, 4)).astype(np.float32)
         zj = jnp.asarray(z, ctx.pipe.dtype)
         zt = torch.from_numpy(z.transpose(0, 3, 1, 2).copy()).to(parts.torch_dtype(ctx.plan.dtype))
@@ -252,6 +261,7 @@ def section_encode(ctx: Context) -> list[Row]:
                                    budget_s=ctx.plan.budget_s)
             td, _, out_d = measure(run_t, repeats=ctx.plan.repeats, budget_s=ctx.plan.budget_s)
         diff = _maxdiff(out_s, out_d.float().numpy().transpose(0, 2, 3, 1))
+        ctx.cache[("decode_s", size)] = (ts, td)
         rows.append(Row("encode", f"VAE decode b1 -> {size}x{size}", "s", ts, td, f"max|diff| {diff:.1e}"))
     return rows
 
@@ -283,10 +293,23 @@ def section_txt2img(ctx: Context) -> list[Row]:
         ts, td, note = _txt2img_pair(ctx, size, steps, 1)
         rows.append(Row("txt2img", f"{size}x{size} {steps} Euler steps cfg {ctx.plan.guidance:g}",
                         "s/image", ts, td, note))
-    # The user path at the smallest size: A1111 prompt parsing, the same jitted core, PIL, infotext.
-    # Its warm-up is a full call (a jitted function's first call compiles).
+    for size in ctx.plan.estimate_images:
+        parts_ = [ctx.cache.get(k) for k in ("text_s", ("unet_s", size // 8), ("decode_s", size))]
+        if None in parts_ or size in ctx.plan.images:
+            continue
+        (xs, xd), (us, ud), (ds, dd) = parts_
+        rows.append(Row("txt2img", f"{size}x{size} {steps} steps: ESTIMATE", "s/image", xs + steps * us + ds,
+                        xd + steps * ud + dd, f"text + {steps} x UNet b2 {size // 8}x{size // 8} + decode, "
+                        f"each measured above; sampler overhead not included"))
+    if ctx.plan.user_path:
+        rows.append(_user_path(ctx, min(ctx.plan.images), steps))
+    return rows
+
+
+def _user_path(ctx: Context, size: int, steps: int) -> Row:
+    """Pipeline.generate (A1111 prompt parsing, the same jitted core, PIL, infotext) at `size`.
+    Its warm-up is a full call: a jitted function's first call compiles."""
     from sdjax import sampling
-    size = min(ctx.plan.images)
     sigmas = sampling.diffusers_schedule(ctx.gen.model, steps, solver="euler")[1]
     call = lambda: ctx.pipe.generate(PROMPT, steps=steps, sampler="euler", sigmas=sigmas,  # noqa: E731
                                      cfg_scale=ctx.plan.guidance, seed=ctx.plan.seed, width=size, height=size)
@@ -294,10 +317,9 @@ def section_txt2img(ctx: Context) -> list[Row]:
     call()
     first = time.perf_counter() - t
     tg, n, _ = measure(call, repeats=ctx.plan.repeats, budget_s=ctx.plan.budget_s, warmup=lambda: None)
-    rows.append(Row("txt2img", f"{size}x{size} via Pipeline.generate", "s/image", tg,
-                    ctx.cache[("txt2img", size, steps, 1)][1],
-                    f"n={n}; first call {first:.1f}s; PIL output, A1111 prompt parsing, infotext"))
-    return rows
+    return Row("txt2img", f"{size}x{size} via Pipeline.generate", "s/image", tg,
+               ctx.cache[("txt2img", size, steps, 1)][1],
+               f"n={n}; first call {first:.1f}s; PIL output, A1111 prompt parsing, infotext")
 
 
 def section_scaling(ctx: Context) -> list[Row]:
@@ -367,30 +389,35 @@ def _check(result: dict, what: str) -> dict:
 
 
 def section_compile(ctx: Context) -> list[Row]:
+    """Fresh processes, twice with one persistent cache dir: time to the first result at
+    start_image x start_steps, and the ahead-of-time compile (not run) at compile_image x
+    compile_steps. diffusers' start (nothing to compile) for comparison."""
     p = ctx.plan
-    size, steps = p.compile_image, p.compile_steps
     cache_dir = tempfile.mkdtemp(prefix="sdjax-bench-cache-")
     try:
-        spec = dict(task="generate", dtype=p.dtype, size=size, steps=steps)
-        cold = _check(ctx.worker(side="sdjax", cache_dir=cache_dir, **spec), "sdjax cold start")
-        warm = _check(ctx.worker(side="sdjax", cache_dir=cache_dir, **spec), "sdjax warm start")
+        spec = dict(task="generate", dtype=p.dtype, size=p.start_image, steps=p.start_steps)
+        aot = dict(aot_size=p.compile_image, aot_steps=p.compile_steps)
+        cold = _check(ctx.worker(side="sdjax", cache_dir=cache_dir, **spec, **aot), "sdjax cold start")
+        warm = _check(ctx.worker(side="sdjax", cache_dir=cache_dir, **spec, **aot), "sdjax warm start")
         dif = _check(ctx.worker(side="diffusers", **spec), "diffusers start")
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-    what = f"generate {size}x{size} {steps} steps"
-    rows = [Row("compile", f"{what}: compile, cold", "s", cold["compile_s"], None,
-                f"trace+lower {cold['trace_s']:.1f}s (fresh process, empty cache)"),
-            Row("compile", f"{what}: compile, persistent cache", "s", warm["compile_s"], None,
-                f"trace+lower {warm['trace_s']:.1f}s; jax_compilation_cache_dir with "
-                f"{cold.get('cache_files')} files")]
+    what = f"generate {p.compile_image}x{p.compile_image} {p.compile_steps} steps"
+    rows = [Row("compile", f"{what}: compile, cold", "s", cold["aot_compile_s"], None,
+                f"trace+lower {cold['aot_trace_s']:.1f}s; fresh process, empty cache"),
+            Row("compile", f"{what}: compile, persistent cache", "s", warm["aot_compile_s"], None,
+                f"trace+lower {warm['aot_trace_s']:.1f}s; jax_compilation_cache_dir ({cold.get('cache_files')} "
+                f"files)")]
+    start = f"{p.start_image}x{p.start_image} {p.start_steps} step(s)"
     d_ready = dif["first_result_s"] - dif["weights_s"]
     for run, state in ((cold, "cold cache"), (warm, "warm cache")):
-        rows.append(Row("compile", f"first result after weights ready, {state}", "s",
+        rows.append(Row("compile", f"first result {start} after weights ready, {state}", "s",
                         run["first_result_s"] - run["weights_s"], d_ready,
-                        f"from process start {run['first_result_s']:.1f}s vs {dif['first_result_s']:.1f}s "
-                        f"(import {run['import_s']:.1f}/{dif['import_s']:.1f}s, random weights "
-                        f"{run['weights_s'] - run['import_s']:.1f}/{dif['weights_s'] - dif['import_s']:.1f}s); "
-                        f"diffusers' first step at {dif['first_step_s'] - dif['weights_s']:.1f}s"))
+                        f"compile {run['compile_s']:.1f}s; from process start {run['first_result_s']:.1f}s vs "
+                        f"{dif['first_result_s']:.1f}s (import {run['import_s']:.1f}/{dif['import_s']:.1f}s, "
+                        f"random weights {run['weights_s'] - run['import_s']:.1f}/"
+                        f"{dif['weights_s'] - dif['import_s']:.1f}s); diffusers' first step at "
+                        f"{dif['first_step_s'] - dif['weights_s']:.1f}s"))
     return rows
 
 
@@ -496,7 +523,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the comparisons")
     parser.add_argument("--unet-latents", type=_ints, help="UNet latent sizes, e.g. 32,64")
-    parser.add_argument("--images", type=_ints, help="txt2img image sizes, e.g. 256,512")
+    parser.add_argument("--images", type=_ints, help="txt2img image sizes measured end to end, e.g. 256,512")
+    parser.add_argument("--estimate-images", type=_ints,
+                        help="txt2img sizes estimated from measured parts (default 512; '' for none)")
+    parser.add_argument("--user-path", action="store_true", default=None,
+                        help="also time Pipeline.generate at the smallest image size")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--repeats", type=int, help="timed runs per item (median reported)")
@@ -506,6 +537,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling-image", type=int)
     parser.add_argument("--compile-image", type=int)
     parser.add_argument("--compile-steps", type=int)
+    parser.add_argument("--start-image", type=int)
+    parser.add_argument("--start-steps", type=int)
     parser.add_argument("--memory-image", type=int)
     parser.add_argument("--memory-steps", type=int)
     parser.add_argument("--lever-latent", type=int)

@@ -110,30 +110,29 @@ def sdjax_from_torch(models: dict, configs: dict, dtype: str = "float32") -> dic
 def sdjax_random(configs: dict, *, dtype: str = "float32", seed: int = 0) -> dict[str, Any]:
     """Random NNX models (no torch) for subprocesses where only speed or memory matters.
 
-    Built abstractly and filled from numpy (norm scales 1, biases 0, the rest N(0, 0.02^2)):
-    initialising eagerly in JAX would compile one small program per parameter shape, which
-    costs minutes on a small CPU and would be counted as start-up time.
+    Built abstractly and filled from numpy: norm scales 1, biases 0, the rest tiled from one
+    block of N(0, 0.02^2) values (cheap for a billion parameters). Initialising eagerly in JAX
+    would compile one small program per parameter shape, which costs minutes on a small CPU.
     """
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from sdjax.weights.diffusers import abstract_model
 
-    rng = np.random.default_rng(seed)
+    d = jnp.dtype(dtype)
+    block = (0.02 * np.random.default_rng(seed).standard_normal(1 << 20, np.float32)).astype(d)
     out = {}
     for kind in ("unet", "vae", "text_encoder"):
         config_cls, model_cls, _ = _sdjax_kind(kind)
-        graph, state = nnx.split(abstract_model(model_cls, config_cls.from_dict(configs[kind]), jnp.dtype(dtype)))
+        graph, state = nnx.split(abstract_model(model_cls, config_cls.from_dict(configs[kind]), d))
         flat = []
         for path, var in nnx.to_flat_state(state):
             a = var.get_value()
-            if path[-1] == "scale":
-                value = np.ones(a.shape, np.float32)
-            elif path[-1] == "bias":
-                value = np.zeros(a.shape, np.float32)
+            if path[-1] in ("scale", "bias"):
+                value = np.full(a.shape, 1.0 if path[-1] == "scale" else 0.0, a.dtype)
             else:
-                value = 0.02 * rng.standard_normal(a.shape, np.float32)
-            flat.append((path, var.replace(jax.device_put(value.astype(a.dtype)))))
+                value = np.resize(block.astype(a.dtype), a.shape)
+            flat.append((path, var.replace(jax.device_put(value))))
         out[kind] = nnx.merge(graph, nnx.from_flat_state(flat))
     return out
 
@@ -288,7 +287,7 @@ def run_worker(spec: dict, *, xla_flags: str | None = None, timeout_s: int = 180
 def worker(spec: dict) -> dict:
     """Inside a fresh process. spec: task ('generate' | 'unet'), side ('sdjax' | 'diffusers'),
     reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps, guidance,
-    cache_dir ('generate'); latent, repeats, attention ('unet'). Times from process start."""
+    cache_dir, aot_size, aot_steps ('generate'); latent, repeats, attention ('unet'). Times from process start."""
     t0 = time.perf_counter()
     if spec.get("cores"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
@@ -329,7 +328,7 @@ def _rss_gib() -> float:
 def _sdjax_worker(spec, configs, out, t0):
     import jax
     import jax.numpy as jnp
-    from sdjax import generation
+    from sdjax import generation  # noqa: F401  (so import_s counts the generation stack)
 
     out["import_s"] = time.perf_counter() - t0
     models = sdjax_random(configs, dtype=spec["dtype"], seed=spec["seed"])
@@ -366,6 +365,14 @@ def _sdjax_worker(spec, configs, out, t0):
     jax.block_until_ready(images)
     out["first_result_s"] = time.perf_counter() - t0
     out["finite"] = bool(np.isfinite(np.asarray(images, np.float32)).all())
+    if spec.get("aot_size"):  # compile (never run) the function at another shape, e.g. 512 x 20 steps
+        aot = gen.inputs([PROMPT], spec["aot_size"], spec["aot_steps"], [spec["seed"]])
+        t = time.perf_counter()
+        lowered = gen.fn.lower(pipe.unet.state, pipe.vae.state, aot)
+        out["aot_trace_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        lowered.compile()
+        out["aot_compile_s"] = time.perf_counter() - t
     if spec.get("cache_dir"):
         out["cache_files"] = sum(len(files) for _, _, files in os.walk(spec["cache_dir"]))
 

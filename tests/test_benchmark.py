@@ -26,8 +26,8 @@ def quick_run(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     # Narrowed where it costs compile time and adds nothing to a smoke test; every section runs.
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--sections", "all",
-           "--reference", str(ref), "--json", str(out), "--unet-latents", "8", "--images", "64",
-           "--batches", "1,2", "--step-counts", "3", "--repeats", "1"]
+           "--reference", str(ref), "--json", str(out), "--batches", "1,2", "--step-counts", "3",
+           "--repeats", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
@@ -60,5 +60,6 @@ def test_quick_rows_are_finite_and_cover_every_section(quick_run):
     assert len(diffs) >= 4 and max(diffs) < 1e-3, diffs
     by_item = {(r["section"], r["item"]): r for r in rows}
     assert any(k[0] == "memory" and "bfloat16" in k[1] for k in by_item)
+    assert any("ESTIMATE" in k[1] for k in by_item) and any("Pipeline.generate" in k[1] for k in by_item)
     assert all(r["diffusers"] is not None for r in rows if r["section"] in ("unet", "txt2img", "memory"))
     assert data["machine"]["jax"] and data["machine"]["torch"] and data["plan"]["tiny"] is True
