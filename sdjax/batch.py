@@ -173,24 +173,35 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
     paths = []
     for job in jobs:
         targets = [out / n for n in job.names]
-        if all(_complete(p) for p in targets):
-            for name, p in zip(job.names, targets):
+        done = [_complete(p) for p in targets]
+        for name, p, ok in zip(job.names, targets, done):
+            if ok:
                 if name not in recorded:  # killed between the PNG and its manifest line
                     append_jsonl(manifest, {"file": name, "line": job.line, "infotext": read_infotext(p)})
                     recorded.add(name)
                 if on_image:
                     on_image(name, True)
-            paths += targets
-            continue
-        result = generate(**job.options)
-        for i, (name, p) in enumerate(zip(job.names, targets)):
-            save_png(result.images[i], p, result.infotexts[i])
-            if name not in recorded:
-                append_jsonl(manifest, {"file": name, "line": job.line, "seed": result.seeds[i],
-                                        "prompt": job.options.get("prompt"), "infotext": result.infotexts[i]})
-                recorded.add(name)
-            if on_image:
-                on_image(name, False)
+        # Only the missing images are made again: each run of consecutive missing images is
+        # one smaller job with the same seeds (see `_sub_job`).
+        a = 0
+        while a < len(targets):
+            if done[a]:
+                a += 1
+                continue
+            b = a
+            while b < len(targets) and not done[b]:
+                b += 1
+            sub = job if (a, b) == (0, len(targets)) else _sub_job(job, a, b)
+            result = generate(**sub.options)
+            for i, name in enumerate(sub.names):
+                save_png(result.images[i], out / name, result.infotexts[i])
+                if name not in recorded:
+                    append_jsonl(manifest, {"file": name, "line": job.line, "seed": result.seeds[i],
+                                            "prompt": sub.options.get("prompt"), "infotext": result.infotexts[i]})
+                    recorded.add(name)
+                if on_image:
+                    on_image(name, False)
+            a = b
         paths += targets
     if grid and paths:
         from PIL import Image

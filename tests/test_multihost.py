@@ -1,0 +1,137 @@
+"""One job across many hosts: deterministic split of a prompts file, and the real CLI in
+2 processes x 2 simulated CPU devices (jax.distributed over 127.0.0.1, gloo collectives)
+equal to the single-process run, each image exactly once, a rerun after a loss resuming."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import batch
+from sdjax.images import read_infotext
+from sdjax_tiny import write_tiny_folder
+
+PROMPTS = 'a red cube\n{"prompt": "a blue ball", "batch_size": 3}\n# skipped\ngreen hills\n{"prompt": "sea", "seed": 40}\n'
+ARGS = ["--steps", "2", "--width", "64", "--height", "64", "--batch-size", "2"]
+
+
+def _entries():
+    return [(1, {"prompt": "a"}), (2, {"prompt": "b", "batch_size": 3}), (3, {"prompt": "c", "subseed": 7}),
+            (4, {"prompt": ["d", "e", "f", "g"], "batch_size": 4, "seed": 50})]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5, 13, 20])
+def test_host_share_no_duplicates_no_gaps(count):
+    jobs = batch.plan(_entries(), {"batch_size": 2, "seed": 10}, batch_count=2)
+    wanted = {}
+    for job in jobs:
+        for i, name in enumerate(job.names):
+            prompt = job.options["prompt"]
+            wanted[name] = (job.options["seed"] + i, prompt[i] if isinstance(prompt, list) else prompt,
+                            None if "subseed" not in job.options else job.options["subseed"] + i)
+    got = {}
+    sizes = []
+    for h in range(count):
+        share = batch.host_share(jobs, h, count)
+        assert share == batch.host_share(jobs, h, count)  # deterministic
+        sizes.append(sum(len(j.names) for j in share))
+        for job in share:
+            assert job.options["batch_size"] == len(job.names)
+            for i, name in enumerate(job.names):
+                assert name not in got, f"{name} on two hosts"
+                prompt = job.options["prompt"]
+                got[name] = (job.options["seed"] + i, prompt[i] if isinstance(prompt, list) else prompt,
+                             None if "subseed" not in job.options else job.options["subseed"] + i)
+    assert got == wanted  # no gaps, and every image keeps its seed, prompt and subseed
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    with pytest.raises(batch.BatchError):
+        batch.host_share(jobs, count, count)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(cache, devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
+    return {**env, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+
+
+def _cli(args):
+    return [sys.executable, "-m", "sdjax.cli", "generate", *map(str, args)]
+
+
+def _run_hosts(args, cache, n=2, timeout=400):
+    """Launch n processes of the real CLI as one jax.distributed job on 127.0.0.1."""
+    port = _free_port()
+    procs = [subprocess.Popen(_cli([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", n,
+                                    "--process-id", i]), env=_env(cache, 2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    outs = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, err[-3000:]
+        outs.append([line for line in out.splitlines() if line.endswith(".png")])
+    return outs
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path), np.int16)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    model = write_tiny_folder(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    cache = tmp_path / "cache"
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    common = ["--model", model, "--prompts-file", prompts, *ARGS]
+
+    # Random seed (-1): process 0 draws it and every process must use the same one.
+    outs = _run_hosts([*common, "--seed", -1, "--devices", "all", "--out", multi], cache)
+    records = batch.read_manifests(multi)
+    files = sorted(p.name for p in multi.glob("*.png"))
+    assert len(files) == 2 + 3 + 2 + 2
+    assert sorted(r["file"] for r in records) == files  # each image recorded exactly once
+    printed = [os.path.basename(p) for out in outs for p in out]
+    assert sorted(printed) == files and len(set(outs[0]) & set(outs[1])) == 0  # each host its own images
+    assert all(outs)  # both hosts did work
+    seed = int(files[0].split("-")[1].split(".")[0])
+
+    r = subprocess.run(_cli([*common, "--seed", seed, "--out", single]), env=_env(cache, 1),
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in single.glob("*.png")) == files
+    for name in files:
+        diff = np.abs(_pixels(multi / name) - _pixels(single / name))
+        assert diff.max() <= 1, f"{name} differs by {diff.max()}/255"
+        assert read_infotext(multi / name) == read_infotext(single / name)
+
+    # A host lost some images (crash): the rerun makes exactly those again, nothing twice,
+    # even where the lost image shares its batch with images that were kept.
+    lost = [files[1], files[-1]]  # one from each host's share
+    before = {n: _pixels(multi / n) for n in lost}
+    stamp = {n: (multi / n).stat().st_mtime_ns for n in files}
+    for n in lost:
+        (multi / n).unlink()
+    _run_hosts([*common, "--seed", seed, "--devices", "all", "--out", multi], cache)
+    for n in files:
+        assert (multi / n).exists()
+        assert ((multi / n).stat().st_mtime_ns != stamp[n]) == (n in lost)
+    for n in lost:
+        assert np.abs(_pixels(multi / n) - before[n]).max() <= 1
+    assert sorted(r["file"] for r in batch.read_manifests(multi)) == files
+
