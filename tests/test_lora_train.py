@@ -51,6 +51,7 @@ def _torch_outputs(pipe, ids, latents_nhwc):
     return ctx.numpy(), eps.numpy().transpose(0, 2, 3, 1)
 
 
+@pytest.mark.slow
 def test_trained_lora_loads_in_diffusers_and_matches(mini_model, tmp_path):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft")
     import diffusers
@@ -115,6 +116,7 @@ def test_trained_lora_loads_in_diffusers_and_matches(mini_model, tmp_path):
         assert np.abs(r - b).max() > 1e-2, f"{name}: the trained LoRA barely changes diffusers' outputs"
 
 
+@pytest.mark.slow
 def test_lora_resume_equals_uninterrupted_run(mini_model, tmp_path):
     from sdjax.train.trainer import Trainer
 

@@ -62,6 +62,7 @@ def test_config_errors_exit_2(tmp_path):
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_train_outputs_and_killed_run_resumes_exactly(mini_model, tmp_path):
     common = ["-o", f"model={mini_model}", "-o", "max_steps=16", "-o", "checkpoint_every=4", "--no-progress"]
     cache = tmp_path / "jax_cache"  # shared by the three runs: later ones skip most compiles
@@ -96,6 +97,7 @@ def test_train_outputs_and_killed_run_resumes_exactly(mini_model, tmp_path):
     assert (split / "model" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_lora_run_writes_kohya_file(mini_model, tmp_path):
     from safetensors import safe_open
 
