@@ -567,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# sdjax benchmark, {info['date']}")
     print(f"# {info['cpu']}, {info['cores']} cores, {info.get('memory_gib')} GiB; jax {info['jax']} "
           f"({info['jax_backend']}), flax {info['flax']}, torch {info['torch']} ({info['torch_threads']} threads), "
-          f"diffusers {info['diffusers']}, transformers {info['transformers']}")
+          f"diffusers {info['diffusers']}, transformers {info['transformers']}; load average "
+          f"{' '.join(map(str, info['load_average']))} (>1 means other work competes for the cores)")
     print(f"# {'quick (tiny config)' if plan.tiny else 'SD 1.5 config'}, {plan.dtype}; sections: {','.join(sections)}")
     sys.stdout.flush()
     report = run(plan, sections, reference=args.reference, log=lambda m: print(m, flush=True))

@@ -86,7 +86,9 @@ def torch_models(configs: dict, *, dtype: str = "float32", seed: int = 0) -> dic
     finally:
         torch.set_default_dtype(previous)
     for m in models.values():
-        m.to(torch_dtype(dtype)).eval().requires_grad_(False)
+        if any(t.dtype != torch_dtype(dtype) for t in m.parameters()):  # .to() also warns in diffusers
+            m.to(torch_dtype(dtype))
+        m.eval().requires_grad_(False)
     return models
 
 
@@ -249,7 +251,9 @@ def machine_info() -> dict:
             "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__,
             "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
-            "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            # Other work on the machine distorts everything (torch's threads most): say how busy it was.
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
     try:
         info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
