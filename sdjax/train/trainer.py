@@ -81,8 +81,11 @@ class Trainer:
             prediction_type=model.prediction_type, merge_params=merge_params)
 
         repl = parallel.replicated(self.mesh)
+        # Weights (and their AdamW moments and EMA) replicated, or FSDP-sharded when the mesh
+        # has an fsdp axis; XLA then gathers weights where used and reduce-scatters gradients.
+        self.param_mode = "fsdp" if self.mesh.shape["fsdp"] > 1 else "replicate"
         # Copies: the train state is donated to the step, and must not alias the pipeline's weights.
-        put = lambda tree: jax.device_put(jax.tree.map(jnp.copy, tree), repl)  # noqa: E731
+        put = lambda tree: parallel.shard_params(jax.tree.map(jnp.copy, tree), self.mesh, self.param_mode)  # noqa: E731
         params = {"unet": put(self.pipe.unet.state)}
         frozen = {"vae": put(self.pipe.vae.state)}
         if self.lora is not None:  # base UNet frozen: neither in the optimizer state nor updated
@@ -99,7 +102,9 @@ class Trainer:
         # lands on the same devices as a fresh one.
         self.state = put(train_step_lib.init_state(params, self.optimizer, ema=cfg.ema_decay is not None))
         self.batch_sharding = parallel.batch_sharding(self.mesh, batch_axis=1)
-        self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
+        # The new state keeps the old one's shardings (so donation reuses its buffers).
+        self.step_fn = jax.jit(step_fn, donate_argnums=(0,),
+                               out_shardings=(parallel.param_shardings(self.state, self.mesh, self.param_mode), repl))
         self.checkpointer = Checkpointer(self.out / "checkpoints", keep=cfg.keep_checkpoints)
         self.run_key = jax.random.key(cfg.seed)
         self.step = 0
