@@ -135,3 +135,17 @@ def test_two_processes_equal_one_process(tmp_path):
         assert np.abs(_pixels(multi / n) - before[n]).max() <= 1
     assert sorted(r["file"] for r in batch.read_manifests(multi)) == files
 
+
+
+def test_distributed_init_single_process_and_errors(monkeypatch):
+    from sdjax import parallel
+
+    for k in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID):
+        monkeypatch.delenv(k, raising=False)
+    assert parallel.distributed_init(auto=False) is False  # nothing given: one process
+    assert parallel.distributed_init(num_processes=1, process_id=0) is False
+    with pytest.raises(ValueError, match="process_id 2"):
+        parallel.distributed_init("127.0.0.1:1", num_processes=2, process_id=2)
+    monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="SDJAX_NUM_PROCESSES"):
+        parallel.distributed_init()
