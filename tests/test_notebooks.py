@@ -26,18 +26,18 @@ CELL_TIMEOUT_S = 900  # generous: CI runners are 2 slow cores; a cell compiles s
 def docs_model_folder(folder: Path) -> Path:
     """The embedded model if shipped, else a random model of its architecture in `folder`.
 
-    Random weights from `configs/tiny_model.json` with the CLIP tokenizer shipped in
-    sdjax/weights/configs (no reference folder, no torch). Written once per folder.
+    Random weights from `configs/tiny_model.json` and a tokenizer trained on the synthetic
+    captions, as scripts/train_tiny.py starts (no reference folder, no torch). Written once.
     """
     if (EMBEDDED_MODEL / "model_index.json").exists():
         return EMBEDDED_MODEL
     if not (folder / "model_index.json").exists():
-        import sdjax
+        from sdjax.data.tokenizer import train_tokenizer
         from sdjax.train.init import init_pipeline_folder
 
         spec = json.loads((ROOT / "configs" / "tiny_model.json").read_text())
-        tokenizer = Path(sdjax.__file__).parent / "weights" / "configs" / "clip-tokenizer"
         tmp = folder.with_name(folder.name + ".tmp")
+        tokenizer = train_tokenizer(folder.with_name(folder.name + ".tokenizer"))
         init_pipeline_folder(tmp, spec, tokenizer, seed=0)
         tmp.rename(folder)
     return folder
