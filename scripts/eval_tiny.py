@@ -14,7 +14,10 @@ Three ways in:
   #    (PIL, uint8 HWC, or float HWC in [-1, 1]); prompts come from evaluation_prompts.
   python scripts/eval_tiny.py --generator mypkg.gen:generate --n 64 --seed 0 [--save-dir out/]
 
-  # 3. A self-check: the synthetic renderer itself as the generator (should print 1.000).
+  # 3. An sdjax model ("embedded" = the model shipped in the package)
+  python scripts/eval_tiny.py --model embedded --n 200 --steps 20 --cfg-scale 5
+
+  # 4. A self-check: the synthetic renderer itself as the generator (should print 1.000).
   python scripts/eval_tiny.py --self-check --n 64
 
 From Python: `evaluate_generator(fn, n, seed)` returns the report dict.
@@ -97,12 +100,30 @@ def _renderer(config: SyntheticConfig):
     return lambda captions, seeds: [render(parse_caption(c, config), config) for c in captions]
 
 
+def _model_generator(model: str, steps: int, sampler: str, cfg_scale: float, resolution: int):
+    """A generator over an sdjax model: each caption with its own seed (batch of 1, exact per seed)."""
+    import sdjax
+
+    path = Path(sdjax.__file__).parent / "assets" / "tiny" if model == "embedded" else model
+    pipe = sdjax.load_pipeline(path)
+
+    def generate(captions, seeds):
+        return [pipe.generate(c, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=int(s),
+                              width=resolution, height=resolution).images[0] for c, s in zip(captions, seeds)]
+
+    return generate
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images-dir", help="folder of PNGs (with metadata.jsonl unless --metadata)")
     source.add_argument("--generator", help="module:function(captions, seeds) -> images")
     source.add_argument("--self-check", action="store_true", help="score the synthetic renderer itself")
+    source.add_argument("--model", help="generate with this sdjax model ('embedded' = the shipped one)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (with --model)")
+    parser.add_argument("--sampler", default="Euler", help="sampler name (with --model)")
+    parser.add_argument("--cfg-scale", type=float, default=5.0, help="guidance scale (with --model)")
     parser.add_argument("--metadata", help="JSONL of intended attributes (with --images-dir)")
     parser.add_argument("--n", type=int, default=64, help="number of prompts (half seen, half held-out)")
     parser.add_argument("--seed", type=int, default=0)
@@ -118,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images_dir:
         report = evaluate_folder(args.images_dir, args.metadata, config)
     else:
-        if args.generator:
+        if args.model:
+            generate = _model_generator(args.model, args.steps, args.sampler, args.cfg_scale, args.resolution)
+        elif args.generator:
             module, _, name = args.generator.partition(":")
             generate = getattr(importlib.import_module(module), name or "generate")
         else:

@@ -90,8 +90,8 @@ def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
     cfg = TrainConfig(
         model=str(vae_dir), data=f"synthetic:{args.seed}", output_dir=str(out / "unet_run"),
         resolution=spec["resolution"], batch_size=args.unet_batch, max_steps=args.unet_steps,
-        learning_rate=args.unet_lr, lr_warmup_steps=200, lr_end_ratio=0.05, weight_decay=0.0,
-        ema_decay=0.999, caption_dropout=0.1, train_text_encoder=True, checkpoint_every=250,
+        learning_rate=args.unet_lr, lr_warmup_steps=min(200, args.unet_steps // 10), lr_end_ratio=0.05,
+        weight_decay=0.0, ema_decay=0.995, caption_dropout=0.1, train_text_encoder=True, checkpoint_every=50,
         keep_checkpoints=2, log_every=25, seed=args.seed)
     trainer = Trainer(cfg, log=log)
     trainer.run(progress=sys.stderr.isatty())
@@ -108,12 +108,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/tiny", help="run folder (resumable)")
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny_model.json"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-lr", type=float, default=2e-3)
-    p.add_argument("--unet-steps", type=int, default=6000)
-    p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--vae-steps", type=int, default=1100)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=3e-3)
+    p.add_argument("--unet-steps", type=int, default=900)
+    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
     args = p.parse_args(argv)
 
