@@ -4,7 +4,8 @@ stored without outputs.
 Each notebook's first code cell is `MODEL = None` (None = the embedded model). When the
 embedded model is not in the package (a checkout before it was trained), the test rewrites
 that line to a tiny random model with the embedded model's architecture
-(`docs_model_folder`), so the notebooks still run end to end.
+(`docs_model_folder`), so the notebooks still run end to end. With $SDJAX_NOTEBOOK_OUT set,
+the executed notebooks (with outputs) are written there.
 """
 
 import json
@@ -89,6 +90,11 @@ def test_notebook_runs_top_to_bottom(name, model, tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(env_before)
+        if os.environ.get("SDJAX_NOTEBOOK_OUT"):  # keep the executed notebook to look at
+            import nbformat
+
+            Path(os.environ["SDJAX_NOTEBOOK_OUT"]).mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, Path(os.environ["SDJAX_NOTEBOOK_OUT"]) / name)
     # Every code cell ran, and none wrote an error (nbclient raises on those too).
     for cell in nb.cells:
         if cell.cell_type == "code":
