@@ -182,6 +182,8 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
             name, unet_m, te_m = (req[0], req[1], req[1]) if len(req) == 2 else req
             requests.append((name, _lora_file(name, lora_dir), float(unet_m), float(te_m)))
     for item in loras or []:
+        if isinstance(item, os.PathLike):  # a bare path: multiplier 1
+            item = (item, 1.0)
         path, mult = parse_lora_arg(item) if isinstance(item, str) else (str(item[0]), float(item[1]))
         path = Path(path)
         if not path.is_file():
