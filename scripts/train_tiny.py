@@ -94,7 +94,9 @@ def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
         weight_decay=0.0, ema_decay=0.995, caption_dropout=0.1, train_text_encoder=True, checkpoint_every=50,
         keep_checkpoints=2, log_every=25, seed=args.seed)
     trainer = Trainer(cfg, log=log)
-    trainer.run(progress=sys.stderr.isatty())
+    if not args.export_now:
+        trainer.run(progress=sys.stderr.isatty())
+    log(f"exporting the weights of step {trainer.step}")
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.export(tmp, dtype="float16")
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
+    p.add_argument("--export-now", action="store_true",
+                   help="stop early: export the UNet stage's latest checkpoint instead of training on")
     args = p.parse_args(argv)
 
     out = Path(args.out)

@@ -1,0 +1,100 @@
+"""The model that ships inside the package: present, small, loadable by diffusers with the same
+images as sdjax, and used by `sdjax generate` when no --model is given."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+
+import sdjax
+from sdjax.cli import EMBEDDED_MODEL
+from sdjax.sampling import DiscreteModel, diffusers_schedule
+
+EMBEDDED = Path(sdjax.__file__).parent / "assets" / "tiny"
+PROMPT = "a red circle on a blue background"
+
+
+def test_embedded_model_is_shipped_small_and_fp16():
+    assert EMBEDDED_MODEL == EMBEDDED
+    index = json.loads((EMBEDDED / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    files = [p for p in EMBEDDED.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    from safetensors import safe_open
+
+    for weights in EMBEDDED.glob("*/*.safetensors"):
+        with safe_open(str(weights), "np") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"float16"}, weights
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(str(EMBEDDED), safety_checker=None,
+                                                            local_files_only=True, torch_dtype=torch.float32)
+    return ref, sdjax.load_pipeline(EMBEDDED)
+
+
+def test_diffusers_loads_embedded_model_and_makes_the_same_image(pipes):
+    ref, pipe = pipes
+    steps, size = 12, 64
+    config = {k: v for k, v in ref.scheduler.config.items() if not k.startswith("_")}
+    config["timestep_spacing"] = "trailing"  # diffusers' Euler init_noise_sigma is then sigma_max
+    sched = diffusers.EulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    _, sigmas = diffusers_schedule(DiscreteModel.from_config(config), steps, solver="euler")
+    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=5e-5)
+    ref.scheduler = sched
+    noise = np.random.default_rng(0).standard_normal((1, size // 8, size // 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        theirs = ref(PROMPT, num_inference_steps=steps, guidance_scale=5.0, height=size, width=size,
+                     latents=torch.from_numpy(noise).permute(0, 3, 1, 2).contiguous(), output_type="np").images
+    ours = pipe.generate(PROMPT, steps=steps, sampler="euler", cfg_scale=5.0, width=size, height=size,
+                         noise=noise, sigmas=sigmas)
+    ours_np = np.asarray(ours.images[0], np.float32)[None] / 255.0
+    assert np.abs(ours_np - theirs).max() <= 2 / 255 + 1e-6
+    assert ours_np.std() > 0.01  # not a constant image
+
+
+def test_embedded_model_is_trained_and_conditional(pipes):
+    """Trained weights, not random ones: the denoising error is low, and lower with the image's own
+    caption than with another image's caption (the model reads the prompt)."""
+    from sdjax.data.datasets import SyntheticCaptions
+    from sdjax.train import loss as L
+
+    _, pipe = pipes
+    ds = SyntheticCaptions(1000, seed=7, resolution=64)
+    images = np.stack([ds[i][0] for i in range(16)])
+    captions = [ds[i][1] for i in range(16)]
+    mean, _ = pipe.vae.encode(images)
+    latents = np.asarray(mean) * pipe.vae.scaling_factor
+    acp = np.asarray(DiscreteModel.from_config(pipe.scheduler_config).alphas_cumprod, np.float32)
+    t = np.full(16, 600)
+    eps = np.random.default_rng(0).standard_normal(latents.shape).astype(np.float32)
+    noisy = np.asarray(L.add_noise(latents, eps, t, acp))
+
+    def error(caps):
+        ids = pipe.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+        return float(np.mean((np.asarray(pipe.unet(noisy, t, pipe.text_encoder(ids))) - eps) ** 2))
+
+    right, wrong = error(captions), error(captions[1:] + captions[:1])
+    assert right < 0.1  # an untrained UNet predicts eps with error ~1
+    assert right < 0.8 * wrong, (right, wrong)
+
+
+@pytest.mark.slow
+def test_cli_generate_uses_embedded_model_without_model_flag(tmp_path):
+    out = tmp_path / "img.png"
+    proc = subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", PROMPT, "--out", str(out), "--steps", "10"],
+                          capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                              "SDJAX_CACHE_DIR": str(tmp_path / "c")})
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert im.size == (64, 64)
+        assert "Steps: 10" in im.info["parameters"]
