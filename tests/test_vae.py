@@ -176,6 +176,34 @@ def test_bf16_as_accurate_as_diffusers_bf16():
         assert err < 5e-2 and err <= 2 * err_diffusers, (err, err_diffusers)
 
 
+def test_bf16_within_2e2_on_trained_weights():
+    """bf16 params and compute within 2e-2 relative L2 of diffusers fp32, on trained weights.
+
+    Trained weights: the embedded model's VAE (sdjax/assets/tiny), on the images it was
+    trained on. Random weights cannot show this bound: on the random nets above, rounding
+    the weights alone to bf16 (fp32 compute) already moves the decode by 1.2-2e-2, and a
+    full-size random SD 1.5 VAE decodes 3.7e-2 off in bf16; trained weights are ~5x better
+    conditioned (ours ~0.8e-2 here, diffusers' own bf16 ~0.6e-2).
+    """
+    from pathlib import Path
+
+    import sdjax
+    from sdjax.data.datasets import SyntheticCaptions
+
+    folder = Path(sdjax.__file__).parent / "assets" / "tiny" / "vae"
+    tm = TorchAutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    ds = SyntheticCaptions(64, seed=3, resolution=64)
+    x = np.stack([ds[i][0] for i in range(8)]).transpose(0, 3, 1, 2).astype(np.float32)
+    mean_ref, logvar_ref, dec_ref = torch_run(tm, x)
+    model = load(json.loads((folder / "config.json").read_text()), state_dict_np(tm),
+                 dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    mean, logvar = model.encode(jnp.asarray(nhwc(x)))
+    dec = model.decode(jnp.asarray(mean_ref))
+    assert mean.dtype == jnp.bfloat16 and dec.dtype == jnp.bfloat16
+    for name, ours, ref in (("mean", mean, mean_ref), ("logvar", logvar, logvar_ref), ("decode", dec, dec_ref)):
+        assert rel_l2(ours, ref) < 2e-2, (name, rel_l2(ours, ref))
+
+
 def test_jit_split_merge_matches_eager():
     d = tiny(reference_config("sd15"))
     model = load(d, state_dict_np(torch_vae(d)))
