@@ -159,7 +159,7 @@ def generate(
     seed: int = 0,
     width: int | None = None,
     height: int | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     init_image: Any = None,
     strength: float = 0.75,
     mask: Any = None,
@@ -190,6 +190,8 @@ def generate(
     **knobs,
 ) -> GenerationResult:
     """Generate `batch_size` images; see `Pipeline.generate` for the parameters.
+
+    batch_size: default one image per prompt when `prompt` is a list (as diffusers), else 1.
 
     Devices: by default one device runs the whole batch. devices="all" (every local device)
     or N (the first N) splits the batch over them: B is padded to a multiple of the device
@@ -231,6 +233,8 @@ def generate(
     task = "txt2img" if init_pil is None else ("img2img" if mask is None else "inpaint")
     start = img2img_start(strength, steps) if task != "txt2img" else 0
 
+    if batch_size is None:  # diffusers: a list of prompts is a batch of that many images
+        batch_size = len(prompt) if isinstance(prompt, (list, tuple)) else 1
     b = int(batch_size)
     prompt_list = _as_list(prompt, b, "prompt")
     negative_list = _as_list(negative_prompt, b, "negative_prompt")

@@ -162,12 +162,13 @@ class Pipeline:
         return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype})"
 
     def generate(self, prompt, negative_prompt="", steps=20, sampler="dpmpp_2m", schedule="karras",
-                 cfg_scale=7.0, seed=0, width=None, height=None, batch_size=1, init_image=None,
+                 cfg_scale=7.0, seed=0, width=None, height=None, batch_size=None, init_image=None,
                  strength=0.75, mask=None, noise=None, **options):
         """txt2img, img2img (`init_image`) or inpainting (`init_image` + `mask`, white = repaint).
 
         Returns `sdjax.generate.GenerationResult`: `.images` (PIL), `.latents` (B, H/8, W/8, C)
-        float32 scaled, `.infotexts` (A1111 parameters), `.seeds`. width/height default to the
+        float32 scaled, `.infotexts` (A1111 parameters), `.seeds`. `prompt` may be a list (one
+        image per prompt unless `batch_size` says otherwise). width/height default to the
         init image's size, else the model's own (unet sample_size x 8: 512 for SD 1.5). `noise`: explicit unit-variance latents (B, H/8, W/8, C),
         scaled by the first sigma. Other options (subseed, subseed_strength, clip_skip, mask_blur,
         inpainting_fill, inpaint_full_res, inpaint_full_res_padding, paste_back, sigmas,

@@ -38,6 +38,8 @@ def test_start_equals_sampler_on_cut_sigmas(name):
 
 def test_batch_of_4_equals_4_batches_of_1(pipe):
     batch = pipe.generate(["a", "b", "c", "d"], seed=10, batch_size=4, **KW)
+    implicit = pipe.generate(["a", "b", "c", "d"], seed=10, **KW)  # a list of prompts is a batch (diffusers)
+    np.testing.assert_array_equal(implicit.latents, batch.latents)
     for i in range(4):
         one = pipe.generate("abcd"[i], seed=10 + i, **KW)
         scale = np.abs(one.latents).max()  # fp32 batch-size rounding, relative to the latent scale
@@ -93,5 +95,7 @@ def test_generate_errors(pipe):
         pipe.generate("x", init_image=np.zeros((64, 64, 3), np.uint8), strength=0.0, **KW)
     with pytest.raises(SdjaxError, match="same size"):
         pipe.generate("x", init_image=np.zeros((64, 64, 3), np.uint8), mask=np.ones((32, 32)), **KW)
+    with pytest.raises(SdjaxError, match="prompt has 2 entries but batch_size is 3"):
+        pipe.generate(["x", "y"], batch_size=3, **KW)
     with pytest.raises(SdjaxError, match="unknown sampler"):
         pipe.generate("x", **{**KW, "sampler": "nope"})
