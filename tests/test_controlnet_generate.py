@@ -15,7 +15,7 @@ from sdjax.control import ControlNetUnit, record_scales
 from sdjax.controlnet import controlnet_keep
 from sdjax.metadata import parse_infotext
 from sdjax.sampling import DiscreteModel, diffusers_schedule
-from sdjax_tiny import build_diffusers_pipeline
+from sdjax_tiny import build_diffusers_pipeline, perturb
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -23,14 +23,6 @@ SIZE = 64
 STEPS = 6
 PROMPT = "a red circle on a blue background"
 NEG = "blurry"
-
-
-def _perturb(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +33,7 @@ def setup(tmp_path_factory):
     nets = []
     for i in range(2):
         cn = diffusers.ControlNetModel.from_unet(torch_pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-        cn = _perturb(cn, 10 + i)
+        cn = perturb(cn, 10 + i, scale=0.1)
         cn.save_pretrained(root / f"cn{i}")
         nets.append(cn)
     return torch_pipe, nets, sdjax.load_pipeline(root / "sd"), root

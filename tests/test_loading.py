@@ -21,6 +21,7 @@ import sdjax
 from conftest import reference
 from sdjax.errors import CheckpointError, ConfigError, UnsafePickleError
 from sdjax.weights.files import find_weights, read_safetensors, read_weight_file
+from sdjax_tiny import perturb, tiny_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -30,44 +31,18 @@ TOL = 1e-4
 # Tiny torch pipelines derived from the real reference configs
 
 
-def _tiny_configs(ref: Path) -> dict:
-    te = json.loads((ref / "text_encoder" / "config.json").read_text())
-    te.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              projection_dim=32)
-    unet = json.loads((ref / "unet" / "config.json").read_text())
-    heads = unet["attention_head_dim"]
-    unet.update(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
-                cross_attention_dim=32, norm_num_groups=8, sample_size=8,
-                attention_head_dim=[2, 4] if isinstance(heads, list) else 4)
-    vae = json.loads((ref / "vae" / "config.json").read_text())
-    vae.update(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-               up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8,
-               sample_size=16)
-    return {"text_encoder": te, "unet": unet, "vae": vae}
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    # Default inits leave norms at 1/0 and some biases at 0: perturb so every tensor matters.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
 def _torch_models(ref_name: str, seed: int = 0):
     import diffusers
     import transformers
 
-    cfgs = _tiny_configs(reference(ref_name))
+    cfgs = tiny_configs(reference(ref_name), vae_levels=2)
     torch.manual_seed(seed)
     te_cfg = {k: v for k, v in cfgs["text_encoder"].items() if not k.startswith("_")}
     te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**te_cfg))
     unet = diffusers.UNet2DConditionModel.from_config(cfgs["unet"])
     vae = diffusers.AutoencoderKL.from_config(cfgs["vae"])
-    return {"text_encoder": _perturb(te, seed), "unet": _perturb(unet, seed + 1),
-            "vae": _perturb(vae, seed + 2)}
+    return {"text_encoder": perturb(te, seed), "unet": perturb(unet, seed + 1),
+            "vae": perturb(vae, seed + 2)}
 
 
 def _write_folder(folder: Path, ref_name: str, models: dict, *, safe=True, te_v4=False,

@@ -22,29 +22,7 @@ from sdjax.weights.single_file import (
     convert_diffusers_to_single_file, convert_single_file_to_diffusers, load_single_file_models,
     load_tokenizer, read_single_file, read_state, template_configs,
 )
-
-
-def _tiny_configs(ref: Path) -> dict:
-    te = json.loads((ref / "text_encoder" / "config.json").read_text())
-    te.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-    unet = json.loads((ref / "unet" / "config.json").read_text())
-    heads = unet["attention_head_dim"]
-    unet.update(block_out_channels=[32, 64], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], layers_per_block=1,
-                cross_attention_dim=32, norm_num_groups=8, sample_size=8,
-                attention_head_dim=[2, 4] if isinstance(heads, list) else 4)
-    vae = json.loads((ref / "vae" / "config.json").read_text())
-    vae.update(block_out_channels=[16, 32], down_block_types=["DownEncoderBlock2D"] * 2,
-               up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, norm_num_groups=8, sample_size=16)
-    return {"text_encoder": te, "unet": unet, "vae": vae}
-
-
-def _perturb(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
+from sdjax_tiny import perturb, tiny_configs
 
 
 def write_tiny_folder(folder: Path, ref_name: str, seed: int = 0, up_blocks_3=False) -> Path:
@@ -53,7 +31,7 @@ def write_tiny_folder(folder: Path, ref_name: str, seed: int = 0, up_blocks_3=Fa
     import transformers
 
     ref = reference(ref_name)
-    cfgs = _tiny_configs(ref)
+    cfgs = tiny_configs(ref, vae_levels=2)
     if up_blocks_3:  # three levels, two resnets per level: exercises the block numbering
         cfgs["unet"].update(block_out_channels=[16, 32, 32], layers_per_block=2,
                             down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
@@ -64,9 +42,9 @@ def write_tiny_folder(folder: Path, ref_name: str, seed: int = 0, up_blocks_3=Fa
                            up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=2)
     torch.manual_seed(seed)
     te_cfg = {k: v for k, v in cfgs["text_encoder"].items() if not k.startswith("_")}
-    models = {"text_encoder": _perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**te_cfg)), seed),
-              "unet": _perturb(diffusers.UNet2DConditionModel.from_config(cfgs["unet"]), seed + 1),
-              "vae": _perturb(diffusers.AutoencoderKL.from_config(cfgs["vae"]), seed + 2)}
+    models = {"text_encoder": perturb(transformers.CLIPTextModel(transformers.CLIPTextConfig(**te_cfg)), seed),
+              "unet": perturb(diffusers.UNet2DConditionModel.from_config(cfgs["unet"]), seed + 1),
+              "vae": perturb(diffusers.AutoencoderKL.from_config(cfgs["vae"]), seed + 2)}
     folder.mkdir(parents=True)
     index = json.loads((ref / "model_index.json").read_text())
     index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
