@@ -119,53 +119,39 @@ def sample_ddpm(denoise, x_init, sigmas, key=None, *, callback=None, s_noise=1.0
     return sample_euler_ancestral(denoise, x_init, sigmas, key, callback=callback, eta=1.0, s_noise=s_noise)
 
 
-def sample_heun(denoise, x_init, sigmas, key=None, *, callback=None,
+def _churned_second_order(name: str, second_order, doc: str):
+    """A Karras et al. Algorithm 2 sampler: optional churn, one evaluation, then
+    `second_order(model, x, d, sigma_hat, sigma_next)`, or an Euler step for the last step to 0."""
+
+    def sampler(denoise, x_init, sigmas, key=None, *, callback=None,
                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """Heun's 2nd-order method (Karras et al. Algorithm 2); Euler for the last step to 0."""
-    x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    keys = _churn_keys(key, x, s_churn, "heun")
-    n = active_steps(sigmas)
+        x, sigmas, model, _ = setup(denoise, x_init, sigmas)
+        keys = _churn_keys(key, x, s_churn, name)
+        n = active_steps(sigmas)
 
-    def step(x, inp):
-        i, sigma_next = inp["i"], inp["sigma_next"]
-        x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
-        x0_pred = model(x, sigma_hat)
-        emit(callback, i, x, x0_pred, sigma_hat)
-        d = to_d(x, sigma_hat, x0_pred)
-        dt = sigma_next - sigma_hat
-        x_euler = x + d * dt
+        def step(x, inp):
+            i, sigma_next = inp["i"], inp["sigma_next"]
+            x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
+            x0_pred = model(x, sigma_hat)
+            emit(callback, i, x, x0_pred, sigma_hat)
+            d = to_d(x, sigma_hat, x0_pred)
+            # A real conditional: the last step to sigma = 0 costs one evaluation, not two.
+            return jax.lax.cond(sigma_next == 0, lambda: x + d * (sigma_next - sigma_hat),
+                                lambda: second_order(model, x, d, sigma_hat, sigma_next))
 
-        def heun():
-            safe_next = jnp.where(sigma_next > 0, sigma_next, 1.0)
-            d_2 = to_d(x_euler, safe_next, model(x_euler, sigma_next))
-            return x + (d + d_2) / 2 * dt
+        return run(step, x, sigmas).astype(x_init.dtype)
 
-        # A real conditional: the last step to sigma = 0 costs one evaluation, not two.
-        return jax.lax.cond(sigma_next == 0, lambda: x_euler, heun)
-
-    return run(step, x, sigmas).astype(x_init.dtype)
+    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+    sampler.__doc__ = doc
+    return sampler
 
 
-def sample_dpm_2(denoise, x_init, sigmas, key=None, *, callback=None,
-                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """DPM-Solver-2 style midpoint steps; midpoint = geometric mean of sigma_hat, sigma_next."""
-    x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    keys = _churn_keys(key, x, s_churn, "dpm_2")
-    n = active_steps(sigmas)
-
-    def step(x, inp):
-        i, sigma_next = inp["i"], inp["sigma_next"]
-        x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
-        x0_pred = model(x, sigma_hat)
-        emit(callback, i, x, x0_pred, sigma_hat)
-        d = to_d(x, sigma_hat, x0_pred)
-        return jax.lax.cond(
-            sigma_next == 0,
-            lambda: x + d * (sigma_next - sigma_hat),
-            lambda: _midpoint(model, x, d, sigma_hat, sigma_next),
-        )
-
-    return run(step, x, sigmas).astype(x_init.dtype)
+def _heun(model, x, d, sigma, sigma_to):
+    dt = sigma_to - sigma
+    x_euler = x + d * dt
+    safe_to = jnp.where(sigma_to > 0, sigma_to, 1.0)  # the branch is traced for sigma_to = 0 too
+    d_2 = to_d(x_euler, safe_to, model(x_euler, sigma_to))
+    return x + (d + d_2) / 2 * dt
 
 
 def _midpoint(model, x, d, sigma, sigma_to):
@@ -173,6 +159,12 @@ def _midpoint(model, x, d, sigma, sigma_to):
     x_2 = x + d * (sigma_mid - sigma)
     d_2 = to_d(x_2, sigma_mid, model(x_2, sigma_mid))
     return x + d_2 * (sigma_to - sigma)
+
+
+sample_heun = _churned_second_order(
+    "heun", _heun, "Heun's 2nd-order method (Karras et al. Algorithm 2); Euler for the last step to 0.")
+sample_dpm_2 = _churned_second_order(
+    "dpm_2", _midpoint, "DPM-Solver-2 style midpoint steps; midpoint = geometric mean of sigma_hat, sigma_next.")
 
 
 def sample_dpm_2_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
