@@ -119,10 +119,10 @@ class Trainer:
     @staticmethod
     def _graphdef(component, compute_dtype):
         """The component's graph with `compute_dtype` compute and float32 parameters."""
+        from sdjax.weights.diffusers import abstract_model
+
         cls, config = type(nnx.merge(component.graphdef, component.state)), component.config
-        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), dtype=compute_dtype,
-                                              param_dtype=jnp.float32))
-        return nnx.split(abstract)[0]
+        return nnx.split(abstract_model(cls, config, compute_dtype, param_dtype=jnp.float32))[0]
 
     def batch(self, step: int) -> dict:
         """The (grad_accum, batch_size, ...) batch of optimizer step `step`, sharded over data."""

@@ -141,10 +141,13 @@ def _shape_only_rngs() -> nnx.Rngs:
     return rngs
 
 
-def abstract_model(model_cls: type, config: Any, dtype: Any = jnp.float32) -> nnx.Module:
-    """`model_cls(config, ...)` with `jax.ShapeDtypeStruct` leaves: no memory, no random init."""
+def abstract_model(model_cls: type, config: Any, dtype: Any = jnp.float32, param_dtype: Any = None) -> nnx.Module:
+    """`model_cls(config, ...)` with `jax.ShapeDtypeStruct` leaves: no memory, no random init.
+
+    dtype: compute dtype; param_dtype: parameter dtype (default: `dtype`)."""
     dtype = jnp.dtype(dtype)
-    return nnx.eval_shape(lambda: model_cls(config, rngs=_shape_only_rngs(), dtype=dtype, param_dtype=dtype))
+    param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
+    return nnx.eval_shape(lambda: model_cls(config, rngs=_shape_only_rngs(), dtype=dtype, param_dtype=param_dtype))
 
 
 def load_model(

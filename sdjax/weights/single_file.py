@@ -240,12 +240,12 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
     (parameters and compute in `dtype`; `sharding(path, abstract)` places each parameter).
     """
     import jax.numpy as jnp
-    from flax import nnx
 
     from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
     from sdjax.models.unet import UNet2DConditionModel, UNetConfig
     from sdjax.models.vae import AutoencoderKL, VAEConfig
     from sdjax.weights import names
+    from sdjax.weights.diffusers import abstract_model
     from sdjax.weights.mapping import load_state
 
     dtype = jnp.dtype(dtype)
@@ -258,8 +258,7 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
             config = cfg_cls.from_dict(ckpt.configs[kind])
         except ConfigError as e:
             raise ConfigError(f"{kind} config for {ckpt.path.name}: {e}") from None
-        abstract = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-        model = load_state(abstract, ckpt.weights[kind], dtype=dtype, ignore=names.is_ignored,
+        model = load_state(abstract_model(model_cls, config, dtype), ckpt.weights[kind], dtype=dtype, ignore=names.is_ignored,
                            source=f"{ckpt.path} ({kind})", sharding=sharding)
         ckpt.weights[kind] = {}  # drop references to file data as soon as each model holds its weights
         out[kind] = (model, config)
