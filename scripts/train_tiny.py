@@ -113,8 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=1100)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
-    p.add_argument("--unet-steps", type=int, default=900)
-    p.add_argument("--unet-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
     p.add_argument("--export-now", action="store_true",

@@ -76,13 +76,15 @@ def test_embedded_model_is_trained_and_conditional(pipes):
     t = np.full(16, 600)
     eps = np.random.default_rng(0).standard_normal(latents.shape).astype(np.float32)
     noisy = np.asarray(L.add_noise(latents, eps, t, acp))
+    model = DiscreteModel.from_config(pipe.scheduler_config)
+    target = np.asarray(L.target(latents, eps, t, acp, model.prediction_type))  # eps or v
 
     def error(caps):
         ids = pipe.tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
-        return float(np.mean((np.asarray(pipe.unet(noisy, t, pipe.text_encoder(ids))) - eps) ** 2))
+        return float(np.mean((np.asarray(pipe.unet(noisy, t, pipe.text_encoder(ids))) - target) ** 2))
 
     right, wrong = error(captions), error(captions[1:] + captions[:1])
-    assert right < 0.1  # an untrained UNet predicts eps with error ~1
+    assert right < 0.1  # an untrained UNet's error is ~1
     assert right < 0.8 * wrong, (right, wrong)
 
 
