@@ -37,7 +37,7 @@ def _conv2d_bwd(strides, padding, precision, residuals, g):
     (dx,) = input_vjp(g)
     # The kernel gradient as kh*kw matmuls over (batch x output pixels): XLA:CPU runs
     # its native backward-filter convolution ~10x slower than these dots (it was 2/3
-    # of a tiny-UNet train step), and on GPU/TPU they are the same MXU/tensor-core work.
+    # of a tiny-UNet train step).
     kh, kw, cin, cout = w.shape
     b, ho, wo = g.shape[:3]
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
@@ -58,13 +58,14 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`jax.lax.conv_general_dilated` with a matmul kernel gradient for plain NHWC 2-D convs.
+    """`jax.lax.conv_general_dilated` with a matmul kernel gradient for plain NHWC 2-D convs on CPU.
 
     Same forward (and the same HLO without differentiation); only the backward pass
     differs, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
-    explicit padding goes to lax unchanged.
+    explicit padding, and every conv on GPU/TPU (whose backward-filter kernels are
+    tuned, and where the matmul form is unmeasured), goes to lax unchanged.
     """
-    plain = (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+    plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
              and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
              and all(v is None for v in kwargs.values())
              and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
