@@ -134,18 +134,54 @@ class LayerNorm(nnx.Module):
         return y.astype(self.dtype)
 
 
+# On CPU, self-attention over more than this many logits per (batch, head) runs in query
+# chunks: SD's 64x64-latent self-attention has 4096^2 (1 GiB of float32 logits at batch 2).
+_MAX_LOGITS = 1024 * 4096
+
+
+def _query_chunk(lq: int, lk: int) -> int:
+    """The largest divisor of lq whose chunk of logits fits _MAX_LOGITS (lq when all fit)."""
+    if lq * lk <= _MAX_LOGITS:
+        return lq
+    chunk = max(1, _MAX_LOGITS // lk)
+    while lq % chunk:
+        chunk -= 1
+    return chunk
+
+
+def _attend_cpu(qh, kh, vh, scale: float):
+    """(B, L, H, D) attention for XLA:CPU: (B, H, L, D) layout, softmax normalised after the
+    PV product (a division over D, not over Lk), logits and exp in float32. At SD's 4096
+    tokens this is 2.2x faster than `jax.nn.dot_product_attention`'s XLA path there."""
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (qh, kh, vh))
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=jnp.float32)
+    # The shift cancels in the softmax; no gradient needs to flow through it.
+    e = jnp.exp((logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))) * scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", e.astype(vh.dtype), vt, preferred_element_type=jnp.float32)
+    return jnp.swapaxes(out / jnp.sum(e, axis=-1, keepdims=True), 1, 2).astype(qh.dtype)
+
+
 def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
     """Scaled dot-product attention, softmax in float32.
 
     q: (B, Lq, heads * Dh), k and v: (B, Lk, heads * Dh) -> (B, Lq, heads * Dh), in q's dtype.
-    Goes through `jax.nn.dot_product_attention` so XLA (and cuDNN on GPU) can fuse it.
+    On GPU/TPU it goes through `jax.nn.dot_product_attention` so XLA (and cuDNN on GPU) can
+    fuse it. On CPU it is `_attend_cpu`, over query chunks when the logits are large (each
+    row's softmax still spans all keys, so chunks change nothing but peak memory).
     """
     b, lq, inner = q.shape
     dh = inner // heads
     qh = q.reshape(b, lq, heads, dh)
     kh = k.reshape(b, k.shape[1], heads, dh)
     vh = v.reshape(b, v.shape[1], heads, dh)
-    if q.dtype == jnp.float32:
+    if jax.default_backend() == "cpu":
+        chunk = _query_chunk(lq, k.shape[1])
+        if chunk == lq:
+            out = _attend_cpu(qh, kh, vh, dh ** -0.5)
+        else:
+            chunks = qh.reshape(b, lq // chunk, chunk, heads, dh).swapaxes(0, 1)
+            out = jax.lax.map(lambda qc: _attend_cpu(qc, kh, vh, dh ** -0.5), chunks).swapaxes(0, 1)
+    elif q.dtype == jnp.float32:
         out = jax.nn.dot_product_attention(qh, kh, vh)
     else:
         # Logits and softmax in float32 (upcast_attention semantics), values back in q's dtype.
