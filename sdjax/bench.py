@@ -88,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny config derived from SD 1.5: seconds, for CI")
     parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
                         help=f"comma-separated, from {','.join(SECTIONS)}, or 'all' (default: all but levers)")
-    parser.add_argument("--levers", action="store_true", help="add the performance-levers section")
+    # dest differs from Plan.levers ("all"/"smoke"): a shared name let `--levers` set it to True,
+    # which ran only the smoke subset.
+    parser.add_argument("--levers", action="store_true", dest="add_levers", help="add the performance-levers section")
     parser.add_argument("--reference", default=None, help="SD 1.5 reference folder (configs + tokenizer)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the results as JSON")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="dtype of the comparisons")
@@ -121,7 +123,7 @@ def plan_from_args(args: argparse.Namespace) -> tuple[Plan, tuple[str, ...]]:
                  if getattr(args, f.name, None) is not None}
     plan = dataclasses.replace(plan, **overrides)
     sections = SECTIONS if args.sections == "all" else tuple(s for s in args.sections.split(",") if s)
-    if args.levers and "levers" not in sections:
+    if args.add_levers and "levers" not in sections:
         sections = (*sections, "levers")
     return plan, sections
 

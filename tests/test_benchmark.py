@@ -63,3 +63,18 @@ def test_quick_rows_are_finite_and_cover_every_section(quick_run):
     assert any("ESTIMATE" in k[1] for k in by_item) and any("Pipeline.generate" in k[1] for k in by_item)
     assert all(r["diffusers"] is not None for r in rows if r["section"] in ("unet", "txt2img", "memory"))
     assert data["machine"]["jax"] and data["machine"]["torch"] and data["plan"]["tiny"] is True
+
+
+def test_levers_flag_runs_every_lever_in_a_full_plan():
+    """`--levers` adds the section without touching Plan.levers ("all" for the full plan):
+    the flag once shared that name and set it to True, which ran only the smoke subset."""
+    import argparse
+
+    from sdjax import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    plan, sections = bench.plan_from_args(parser.parse_args(["--levers"]))
+    assert plan.levers == "all" and sections[-1] == "levers"
+    plan, sections = bench.plan_from_args(parser.parse_args(["--quick", "--levers"]))
+    assert plan.levers == "smoke" and "levers" in sections
