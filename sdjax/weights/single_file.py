@@ -258,8 +258,8 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
             config = cfg_cls.from_dict(ckpt.configs[kind])
         except ConfigError as e:
             raise ConfigError(f"{kind} config for {ckpt.path.name}: {e}") from None
-        model = load_state(abstract_model(model_cls, config, dtype), ckpt.weights[kind], dtype=dtype, ignore=names.is_ignored,
-                           source=f"{ckpt.path} ({kind})", sharding=sharding)
+        model = load_state(abstract_model(model_cls, config, dtype), ckpt.weights[kind], dtype=dtype,
+                           ignore=names.is_ignored, source=f"{ckpt.path} ({kind})", sharding=sharding)
         ckpt.weights[kind] = {}  # drop references to file data as soon as each model holds its weights
         out[kind] = (model, config)
     out["tokenizer"] = load_tokenizer(ckpt)
