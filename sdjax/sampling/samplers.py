@@ -64,21 +64,38 @@ def _churn_keys(key, x, s_churn, name):
     return require_keys(as_keys(key, x.shape[0]), name + " with s_churn")
 
 
-def sample_euler(denoise, x_init, sigmas, key=None, *, callback=None,
-                 s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-    """Euler steps of the probability-flow ODE (Karras et al. Algorithm 2 with Euler steps)."""
-    x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    keys = _churn_keys(key, x, s_churn, "euler")
-    n = active_steps(sigmas)
+def _churned(name: str, second_order, doc: str):
+    """A Karras et al. Algorithm 2 sampler: optional churn, one evaluation, then an Euler step
+    (`second_order` None), or `second_order(model, x, d, sigma_hat, sigma_next)` with an Euler
+    step for the last step to 0."""
 
-    def step(x, inp):
-        i, sigma_next = inp["i"], inp["sigma_next"]
-        x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
-        x0_pred = model(x, sigma_hat)
-        emit(callback, i, x, x0_pred, sigma_hat)
-        return x + to_d(x, sigma_hat, x0_pred) * (sigma_next - sigma_hat)
+    def sampler(denoise, x_init, sigmas, key=None, *, callback=None,
+                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+        x, sigmas, model, _ = setup(denoise, x_init, sigmas)
+        keys = _churn_keys(key, x, s_churn, name)
+        n = active_steps(sigmas)
 
-    return run(step, x, sigmas).astype(x_init.dtype)
+        def step(x, inp):
+            i, sigma_next = inp["i"], inp["sigma_next"]
+            x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
+            x0_pred = model(x, sigma_hat)
+            emit(callback, i, x, x0_pred, sigma_hat)
+            d = to_d(x, sigma_hat, x0_pred)
+            if second_order is None:
+                return x + d * (sigma_next - sigma_hat)
+            # A real conditional: the last step to sigma = 0 costs one evaluation, not two.
+            return jax.lax.cond(sigma_next == 0, lambda: x + d * (sigma_next - sigma_hat),
+                                lambda: second_order(model, x, d, sigma_hat, sigma_next))
+
+        return run(step, x, sigmas).astype(x_init.dtype)
+
+    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
+    sampler.__doc__ = doc
+    return sampler
+
+
+sample_euler = _churned(
+    "euler", None, "Euler steps of the probability-flow ODE (Karras et al. Algorithm 2 with Euler steps).")
 
 
 def sample_euler_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
@@ -119,33 +136,6 @@ def sample_ddpm(denoise, x_init, sigmas, key=None, *, callback=None, s_noise=1.0
     return sample_euler_ancestral(denoise, x_init, sigmas, key, callback=callback, eta=1.0, s_noise=s_noise)
 
 
-def _churned_second_order(name: str, second_order, doc: str):
-    """A Karras et al. Algorithm 2 sampler: optional churn, one evaluation, then
-    `second_order(model, x, d, sigma_hat, sigma_next)`, or an Euler step for the last step to 0."""
-
-    def sampler(denoise, x_init, sigmas, key=None, *, callback=None,
-                s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
-        x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-        keys = _churn_keys(key, x, s_churn, name)
-        n = active_steps(sigmas)
-
-        def step(x, inp):
-            i, sigma_next = inp["i"], inp["sigma_next"]
-            x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
-            x0_pred = model(x, sigma_hat)
-            emit(callback, i, x, x0_pred, sigma_hat)
-            d = to_d(x, sigma_hat, x0_pred)
-            # A real conditional: the last step to sigma = 0 costs one evaluation, not two.
-            return jax.lax.cond(sigma_next == 0, lambda: x + d * (sigma_next - sigma_hat),
-                                lambda: second_order(model, x, d, sigma_hat, sigma_next))
-
-        return run(step, x, sigmas).astype(x_init.dtype)
-
-    sampler.__name__ = sampler.__qualname__ = f"sample_{name}"
-    sampler.__doc__ = doc
-    return sampler
-
-
 def _heun(model, x, d, sigma, sigma_to):
     dt = sigma_to - sigma
     x_euler = x + d * dt
@@ -161,9 +151,9 @@ def _midpoint(model, x, d, sigma, sigma_to):
     return x + d_2 * (sigma_to - sigma)
 
 
-sample_heun = _churned_second_order(
+sample_heun = _churned(
     "heun", _heun, "Heun's 2nd-order method (Karras et al. Algorithm 2); Euler for the last step to 0.")
-sample_dpm_2 = _churned_second_order(
+sample_dpm_2 = _churned(
     "dpm_2", _midpoint, "DPM-Solver-2 style midpoint steps; midpoint = geometric mean of sigma_hat, sigma_next.")
 
 
