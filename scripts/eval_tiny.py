@@ -103,8 +103,9 @@ def _renderer(config: SyntheticConfig):
 def _model_generator(model: str, steps: int, sampler: str, cfg_scale: float, resolution: int):
     """A generator over an sdjax model: each caption with its own seed (batch of 1, exact per seed)."""
     import sdjax
+    from sdjax.cli import EMBEDDED_MODEL
 
-    path = Path(sdjax.__file__).parent / "assets" / "tiny" if model == "embedded" else model
+    path = EMBEDDED_MODEL if model == "embedded" else model
     pipe = sdjax.load_pipeline(path)
 
     def generate(captions, seeds):

@@ -185,12 +185,10 @@ def test_bf16_within_2e2_on_trained_weights():
     full-size random SD 1.5 VAE decodes 3.7e-2 off in bf16; trained weights are ~5x better
     conditioned (ours ~0.8e-2 here, diffusers' own bf16 ~0.6e-2).
     """
-    from pathlib import Path
-
-    import sdjax
+    from sdjax.cli import EMBEDDED_MODEL
     from sdjax.data.datasets import SyntheticCaptions
 
-    folder = Path(sdjax.__file__).parent / "assets" / "tiny" / "vae"
+    folder = EMBEDDED_MODEL / "vae"
     tm = TorchAutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32).eval()
     ds = SyntheticCaptions(64, seed=3, resolution=64)
     x = np.stack([ds[i][0] for i in range(8)]).transpose(0, 3, 1, 2).astype(np.float32)
