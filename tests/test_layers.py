@@ -63,3 +63,33 @@ def test_conv_forward_is_lax_and_models_use_it():
     ours, theirs = hlo(layers.conv_general_dilated), hlo(jax.lax.conv_general_dilated)
     assert theirs.count("convolution") == 2 and ours.count("convolution") == 1
     assert "dot_general" in ours
+
+
+@pytest.mark.parametrize("hw,kernel,stride,pad", [
+    ((1, 1), 3, 1, ((1, 1), (1, 1))),   # the lowest UNet level on 8x8 latents: only the centre tap is live
+    ((2, 2), 3, 1, ((1, 1), (1, 1))),
+    ((1, 3), 3, 1, ((1, 1), (1, 1))),   # only the live row of taps
+    ((4, 4), 3, 1, ((1, 1), (1, 1))),
+    ((2, 2), 3, 2, ((1, 1), (1, 1))),   # a UNet downsampler to 1x1
+    ((7, 6), 3, 2, ((0, 1), (0, 1))),   # the VAE's asymmetric downsampler, 3x3 out
+    ((3, 3), 1, 1, ((0, 0), (0, 0))),   # a 1x1 shortcut
+])
+def test_tiny_outputs_take_the_im2col_matmul_and_equal_lax(hw, kernel, stride, pad):
+    """On <= 16 output pixels the conv is one matmul (no XLA convolution at all, forward or
+    backward), with lax's values and gradients."""
+    x = jax.random.normal(jax.random.key(0), (3, *hw, 6))
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, 6, 5))
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    ho, wo = ((n + sum(p) - kernel) // stride + 1 for n, p in zip(hw, pad))
+    assert ho * wo <= layers._IM2COL_MAX_PIXELS
+    weights = jax.random.normal(jax.random.key(2), (3, ho, wo, 5))
+
+    def loss(fn):
+        return lambda x_, k_: jnp.sum(fn(x_, k_, (stride, stride), pad, dimension_numbers=dn) * weights)
+
+    ours, theirs = loss(layers.conv_general_dilated), loss(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(ours(x, k), theirs(x, k), rtol=1e-5, atol=1e-4)
+    for g, r in zip(jax.grad(ours, (0, 1))(x, k), jax.grad(theirs, (0, 1))(x, k)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
+    hlo = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(x, k).as_text()
+    assert "convolution" not in hlo and "dot_general" in hlo

@@ -20,9 +20,46 @@ from flax import nnx
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+# Output pixels (Ho*Wo) up to which a CPU conv runs as one im2col matmul. XLA:CPU's
+# convolution is pathological on tiny images with many channels: a 3x3 1280->1280 conv
+# on 2x2 pixels took 138 ms at batch 2 and 485 ms at batch 8 (1.5 GFLOP/s), the im2col
+# matmul 5 and 10 ms; at 4x4 im2col is still 1.3x faster, at 8x8 and up lax wins or ties.
+# This is what made an SD UNet step on 8x8 latents (64x64 px) cost 2.5 s at batch 2.
+_IM2COL_MAX_PIXELS = 16
+
+
+def _out_size(n: int, k: int, stride: int, pad: tuple[int, int]) -> int:
+    return (n + pad[0] + pad[1] - k) // stride + 1
+
+
+def _im2col_conv(x, w, strides, padding, precision):
+    """The conv as (B*Ho*Wo, taps*Cin) @ (taps*Cin, Cout), skipping taps that only ever
+    read padding (on a 1x1 image a 3x3 SAME conv is its centre tap, a plain matmul)."""
+    b, h, wd, cin = x.shape
+    kh, kw, _, cout = w.shape
+    (sh, sw), (ph, pw) = strides, padding
+    ho, wo = _out_size(h, kh, sh, ph), _out_size(wd, kw, sw, pw)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+    live_i = [i for i in range(kh) if any(0 <= i + r * sh - ph[0] < h for r in range(ho))]
+    live_j = [j for j in range(kw) if any(0 <= j + c * sw - pw[0] < wd for c in range(wo))]
+    cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+            for i in live_i for j in live_j]
+    wk = jnp.concatenate([w[i, j] for i in live_i for j in live_j], axis=0)
+    patches = jnp.concatenate(cols, axis=-1).reshape(b * ho * wo, -1)
+    return jnp.dot(patches, wk, precision=precision).reshape(b, ho, wo, cout)
+
+
+def _conv_forward(x, w, strides, padding, precision):
+    kh, kw = w.shape[:2]
+    pixels = _out_size(x.shape[1], kh, strides[0], padding[0]) * _out_size(x.shape[2], kw, strides[1], padding[1])
+    if pixels <= _IM2COL_MAX_PIXELS:
+        return _im2col_conv(x, w, strides, padding, precision)
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv2d(x, w, strides, padding, precision):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
+    return _conv_forward(x, w, strides, padding, precision)
 
 
 def _conv2d_fwd(x, w, strides, padding, precision):
@@ -31,9 +68,7 @@ def _conv2d_fwd(x, w, strides, padding, precision):
 
 def _conv2d_bwd(strides, padding, precision, residuals, g):
     x, w = residuals
-    _, input_vjp = jax.vjp(
-        lambda x_: jax.lax.conv_general_dilated(x_, w, strides, padding, dimension_numbers=_NHWC,
-                                                precision=precision), x)
+    _, input_vjp = jax.vjp(lambda x_: _conv_forward(x_, w, strides, padding, precision), x)
     (dx,) = input_vjp(g)
     # The kernel gradient as kh*kw matmuls over (batch x output pixels): XLA:CPU runs
     # its native backward-filter convolution ~10x slower than these dots (it was 2/3
@@ -58,10 +93,10 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`jax.lax.conv_general_dilated` with a matmul kernel gradient for plain NHWC 2-D convs on CPU.
+    """`jax.lax.conv_general_dilated`, with matmul forms for plain NHWC 2-D convs on CPU.
 
-    Same forward (and the same HLO without differentiation); only the backward pass
-    differs, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
+    The same math: on tiny outputs (Ho*Wo <= `_IM2COL_MAX_PIXELS`) the forward is one
+    im2col matmul, elsewhere lax's conv; the kernel gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
     explicit padding, and every conv on GPU/TPU (whose backward-filter kernels are
     tuned, and where the matmul form is unmeasured), goes to lax unchanged.
     """
