@@ -417,7 +417,8 @@ def _diffusers_worker(spec, configs, out, t0):
 
 def _patch_attention(kind: str) -> None:
     """Swap the UNet's attention kernel: 'dpa' = jax.nn.dot_product_attention at every dtype,
-    'einsum' = two einsums with a float32 softmax, 'default' = sdjax's choice (dpa in f32)."""
+    'einsum' = two einsums with a float32 softmax over all heads at once, 'default' = sdjax's
+    choice (on CPU: per head, in query chunks, see sdjax.models.layers._attend_cpu)."""
     if kind == "default":
         return
     import jax

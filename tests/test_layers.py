@@ -93,3 +93,34 @@ def test_tiny_outputs_take_the_im2col_matmul_and_equal_lax(hw, kernel, stride, p
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-4)
     hlo = jax.jit(jax.value_and_grad(ours, (0, 1))).lower(x, k).as_text()
     assert "convolution" not in hlo and "dot_general" in hlo
+
+
+def _softmax_attention(q, k, v, heads):
+    b, lq, inner = q.shape
+    qh, kh, vh = (a.reshape(a.shape[0], a.shape[1], heads, -1) for a in (q, k, v))
+    p = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", qh, kh) * (inner // heads) ** -0.5, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, vh).reshape(b, lq, inner)
+
+
+@pytest.mark.parametrize("lq,lk,max_logits,loops", [
+    (24, 24, 10_000, 0),   # all heads at once
+    (24, 24, 1_000, 1),    # one (batch, head) at a time, all queries in one chunk
+    (24, 24, 200, 2),      # per head, in query chunks of 8 (the largest divisor of 24 with <= 200 logits)
+    (24, 7, 100, 2),       # cross-attention shape: chunks of 12 queries over 7 keys
+])
+def test_cpu_attention_paths_equal_softmax_attention(monkeypatch, lq, lk, max_logits, loops):
+    """Every CPU attention path (all heads; per head; per head in query chunks) gives plain
+    softmax attention's values and gradients, and the big ones really loop."""
+    monkeypatch.setattr(layers, "_MAX_LOGITS", max_logits)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((2, lq, 12)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, lk, 12)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.standard_normal((2, lq, 12)), jnp.float32)
+    ours = lambda q_, k_, v_: jnp.sum(layers.multi_head_attention(q_, k_, v_, 3) * w)  # noqa: E731
+    theirs = lambda q_, k_, v_: jnp.sum(_softmax_attention(q_, k_, v_, 3) * w)  # noqa: E731
+    np.testing.assert_allclose(layers.multi_head_attention(q, k, v, 3), _softmax_attention(q, k, v, 3),
+                               rtol=1e-5, atol=1e-5)
+    for g, r in zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(theirs, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    hlo = jax.jit(lambda *a: layers.multi_head_attention(*a, 3)).lower(q, k, v).as_text()
+    assert hlo.count("stablehlo.while") == loops
