@@ -44,7 +44,10 @@ def _im2col_conv(x, w, strides, padding, precision):
     live_j = [j for j in range(kw) if any(0 <= j + c * sw - pw[0] < wd for c in range(wo))]
     cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
             for i in live_i for j in live_j]
-    wk = jnp.concatenate([w[i, j] for i in live_i for j in live_j], axis=0)
+    if len(live_i) == kh and len(live_j) == kw:
+        wk = w.reshape(kh * kw * cin, cout)  # free; a concatenation would copy the kernel
+    else:
+        wk = w[live_i[0]:live_i[-1] + 1, live_j[0]:live_j[-1] + 1].reshape(-1, cout)
     patches = jnp.concatenate(cols, axis=-1).reshape(b * ho * wo, -1)
     return jnp.dot(patches, wk, precision=precision).reshape(b, ho, wo, cout)
 
