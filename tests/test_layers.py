@@ -74,9 +74,11 @@ def test_conv_forward_is_lax_and_models_use_it():
     ((7, 6), 3, 2, ((0, 1), (0, 1))),   # the VAE's asymmetric downsampler, 3x3 out
     ((3, 3), 1, 1, ((0, 0), (0, 0))),   # a 1x1 shortcut
 ])
-def test_tiny_outputs_take_the_im2col_matmul_and_equal_lax(hw, kernel, stride, pad):
-    """On <= 16 output pixels the conv is one matmul (no XLA convolution at all, forward or
-    backward), with lax's values and gradients."""
+def test_tiny_outputs_take_the_im2col_matmul_and_equal_lax(monkeypatch, hw, kernel, stride, pad):
+    """On <= 16 output pixels a wide conv is one matmul (no XLA convolution at all, forward or
+    backward), with lax's values and gradients (checked here at 6 -> 5 channels, the width
+    floor lowered; `test_im2col_only_for_wide_convs` checks the floor)."""
+    monkeypatch.setattr(layers, "_IM2COL_MIN_WEIGHTS", 1)
     x = jax.random.normal(jax.random.key(0), (3, *hw, 6))
     k = jax.random.normal(jax.random.key(1), (kernel, kernel, 6, 5))
     dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
@@ -124,3 +126,18 @@ def test_cpu_attention_paths_equal_softmax_attention(monkeypatch, lq, lk, max_lo
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
     hlo = jax.jit(lambda *a: layers.multi_head_attention(*a, 3)).lower(q, k, v).as_text()
     assert hlo.count("stablehlo.while") == loops
+
+
+@pytest.mark.parametrize("hw,channels,im2col", [
+    ((2, 2), 1280, True),    # SD 1.5's lowest level on 8x8 latents: XLA's conv is ~30x slower there
+    ((4, 4), 320, True),
+    ((5, 4), 320, False),    # 20 output pixels: lax
+    ((2, 2), 64, False),     # narrow (tiny test models): lax, which compiles faster
+])
+def test_im2col_only_for_wide_convs_on_tiny_images(hw, channels, im2col):
+    x = jnp.zeros((1, *hw, channels))
+    k = jnp.zeros((3, 3, channels, channels))
+    dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+    hlo = jax.jit(lambda x_, k_: layers.conv_general_dilated(x_, k_, (1, 1), ((1, 1), (1, 1)),
+                                                             dimension_numbers=dn)).lower(x, k).as_text()
+    assert ("convolution" not in hlo) == im2col

@@ -25,7 +25,10 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # on 2x2 pixels took 138 ms at batch 2 and 485 ms at batch 8 (1.5 GFLOP/s), the im2col
 # matmul 5 and 10 ms; at 4x4 im2col is still 1.3x faster, at 8x8 and up lax wins or ties.
 # This is what made an SD UNet step on 8x8 latents (64x64 px) cost 2.5 s at batch 2.
+# Narrow convs (Cin*Cout below 256*256) keep lax's conv: there both take under a
+# millisecond, and the im2col graph compiles slower (a tiny UNet train step 11 -> 15 s).
 _IM2COL_MAX_PIXELS = 16
+_IM2COL_MIN_WEIGHTS = 256 * 256
 
 
 def _out_size(n: int, k: int, stride: int, pad: tuple[int, int]) -> int:
@@ -55,7 +58,7 @@ def _im2col_conv(x, w, strides, padding, precision):
 def _conv_forward(x, w, strides, padding, precision):
     kh, kw = w.shape[:2]
     pixels = _out_size(x.shape[1], kh, strides[0], padding[0]) * _out_size(x.shape[2], kw, strides[1], padding[1])
-    if pixels <= _IM2COL_MAX_PIXELS:
+    if pixels <= _IM2COL_MAX_PIXELS and w.shape[2] * w.shape[3] >= _IM2COL_MIN_WEIGHTS:
         return _im2col_conv(x, w, strides, padding, precision)
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC, precision=precision)
 
@@ -98,8 +101,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`jax.lax.conv_general_dilated`, with matmul forms for plain NHWC 2-D convs on CPU.
 
-    The same math: on tiny outputs (Ho*Wo <= `_IM2COL_MAX_PIXELS`) the forward is one
-    im2col matmul, elsewhere lax's conv; the kernel gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
+    The same math: on tiny outputs of wide convs (Ho*Wo <= `_IM2COL_MAX_PIXELS`, Cin*Cout >=
+    `_IM2COL_MIN_WEIGHTS`) the forward is one im2col matmul, elsewhere lax's conv; the kernel gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
     explicit padding, and every conv on GPU/TPU (whose backward-filter kernels are
     tuned, and where the matmul form is unmeasured), goes to lax unchanged.
     """
