@@ -102,7 +102,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """`jax.lax.conv_general_dilated`, with matmul forms for plain NHWC 2-D convs on CPU.
 
     The same math: on tiny outputs of wide convs (Ho*Wo <= `_IM2COL_MAX_PIXELS`, Cin*Cout >=
-    `_IM2COL_MIN_WEIGHTS`) the forward is one im2col matmul, elsewhere lax's conv; the kernel gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
+    `_IM2COL_MIN_WEIGHTS`) the forward is one im2col matmul, elsewhere lax's conv; the kernel
+    gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
     explicit padding, and every conv on GPU/TPU (whose backward-filter kernels are
     tuned, and where the matmul form is unmeasured), goes to lax unchanged.
     """
