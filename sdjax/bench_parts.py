@@ -289,9 +289,10 @@ def run_worker(spec: dict, *, xla_flags: str | None = None, timeout_s: int = 180
 
 
 def worker(spec: dict) -> dict:
-    """Inside a fresh process. spec: task ('generate' | 'ready' | 'unet'), side ('sdjax' | 'diffusers'),
-    reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps, guidance,
-    cache_dir, aot_size, aot_steps ('generate'; 'ready' only times up to the first step); latent, repeats, attention ('unet'). Times from process start."""
+    """Inside a fresh process. spec: task ('generate' | 'ready' | 'unet'), side ('sdjax' |
+    'diffusers'), reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps,
+    guidance, cache_dir, aot_size, aot_steps ('generate'; 'ready' times only up to the first
+    sampler step); latent, repeats, attention ('unet'). Times from process start."""
     t0 = time.perf_counter()
     if spec.get("cores"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
