@@ -35,6 +35,13 @@ def _out_size(n: int, k: int, stride: int, pad: tuple[int, int]) -> int:
     return (n + pad[0] + pad[1] - k) // stride + 1
 
 
+def _tap(xp, i: int, j: int, ho: int, wo: int, strides):
+    """The (B, Ho, Wo, Cin) input pixels that kernel tap (i, j) meets, from the padded input xp."""
+    b, _, _, cin = xp.shape
+    sh, sw = strides
+    return jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
+
+
 def _im2col_conv(x, w, strides, padding, precision):
     """The conv as (B*Ho*Wo, taps*Cin) @ (taps*Cin, Cout), skipping taps that only ever
     read padding (on a 1x1 image a 3x3 SAME conv is its centre tap, a plain matmul)."""
@@ -45,8 +52,7 @@ def _im2col_conv(x, w, strides, padding, precision):
     xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
     live_i = [i for i in range(kh) if any(0 <= i + r * sh - ph[0] < h for r in range(ho))]
     live_j = [j for j in range(kw) if any(0 <= j + c * sw - pw[0] < wd for c in range(wo))]
-    cols = [jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin), (1, sh, sw, 1))
-            for i in live_i for j in live_j]
+    cols = [_tap(xp, i, j, ho, wo, strides) for i in live_i for j in live_j]
     if len(live_i) == kh and len(live_j) == kw:
         wk = w.reshape(kh * kw * cin, cout)  # free; a concatenation would copy the kernel
     else:
@@ -80,16 +86,11 @@ def _conv2d_bwd(strides, padding, precision, residuals, g):
     # its native backward-filter convolution ~10x slower than these dots (it was 2/3
     # of a tiny-UNet train step).
     kh, kw, cin, cout = w.shape
-    b, ho, wo = g.shape[:3]
+    ho, wo = g.shape[1:3]
     xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    sh, sw = strides
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            patch = jax.lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                                  (1, sh, sw, 1))
-            taps.append(jnp.einsum("bhwi,bhwo->io", patch, g, precision=precision,
-                                   preferred_element_type=jnp.float32))
+    taps = [jnp.einsum("bhwi,bhwo->io", _tap(xp, i, j, ho, wo, strides), g, precision=precision,
+                       preferred_element_type=jnp.float32)
+            for i in range(kh) for j in range(kw)]
     dw = jnp.stack(taps).reshape(kh, kw, cin, cout).astype(w.dtype)
     return dx, dw
 
