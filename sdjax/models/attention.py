@@ -42,10 +42,11 @@ class Attention(nnx.Module):
         self.to_k = nnx.Linear(kv_dim, inner, use_bias=False, **kw)
         self.to_v = nnx.Linear(kv_dim, inner, use_bias=False, **kw)
         self.to_out = nnx.List([nnx.Linear(inner, query_dim, **kw), nnx.Dropout(0.0)])
+        self.kernels = None  # sdjax.models.kernels.Kernels, set by layers.apply_kernels
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
         context = x if context is None else context
-        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.kernels)
         return self.to_out[0](out)
 
 

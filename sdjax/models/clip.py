@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.errors import ConfigError
-from sdjax.models.layers import LayerNorm
+from sdjax.models.layers import LayerNorm, multi_head_attention
 
 # transformers' ACT2FN entries we implement exactly.
 _ACTIVATIONS = {
@@ -136,27 +136,6 @@ class CLIPTextOutput(NamedTuple):
     hidden_states: tuple[jax.Array, ...] | None
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Causal scaled dot-product self-attention, softmax in float32.
-
-    q, k, v: (B, L, heads * Dh) -> (B, L, heads * Dh) in q's dtype. Position i attends to j <= i.
-    """
-    b, length, inner = q.shape
-    dh = inner // heads
-    qh, kh, vh = (t.reshape(b, length, heads, dh) for t in (q, k, v))
-    if q.dtype == jnp.float32:
-        out = jax.nn.dot_product_attention(qh, kh, vh, is_causal=True)
-    else:
-        # Logits and softmax in float32 (as transformers' softmax(dtype=float32)), values in q's dtype.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
-        logits = logits * (dh ** -0.5)
-        causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
-        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
-    return out.reshape(b, length, inner)
-
-
 class CLIPTextEmbeddings(nnx.Module):
     """Token plus learned absolute position embeddings. input_ids (B, L) int -> (B, L, D)."""
 
@@ -185,9 +164,11 @@ class CLIPAttention(nnx.Module):
         self.v_proj = nnx.Linear(d, d, **kw)
         self.q_proj = nnx.Linear(d, d, **kw)
         self.out_proj = nnx.Linear(d, d, **kw)
+        self.kernels = None  # sdjax.models.kernels.Kernels, set by layers.apply_kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads)
+        out = multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.kernels,
+                                   causal=True)
         return self.out_proj(out)
 
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sdjax.models import kernels
+
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -98,26 +100,58 @@ def _conv2d_bwd(strides, padding, precision, residuals, g):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`jax.lax.conv_general_dilated`, with matmul forms for plain NHWC 2-D convs on CPU.
+def conv_xla(lhs, rhs, window_strides, padding, **kwargs):
+    """`jax.lax.conv_general_dilated` itself (the "xla" conv: cuDNN on GPU, the MXU on TPU).
+    Everything past the first four arguments is passed by keyword: lax's positional order
+    has changed between releases (a positional `precision` once landed in batch_group_count)."""
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
+
+
+def conv_matmul(lhs, rhs, window_strides, padding, *, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """`jax.lax.conv_general_dilated` with matmul forms for plain NHWC 2-D convs (the "matmul"
+    conv, tuned on CPU).
 
     The same math: on tiny outputs of wide convs (Ho*Wo <= `_IM2COL_MAX_PIXELS`, Cin*Cout >=
     `_IM2COL_MIN_WEIGHTS`) the forward is one im2col matmul, elsewhere lax's conv; the kernel
     gradient is matmuls, see `_conv2d_bwd`. Anything but a dense, undilated NHWC/HWIO conv with
-    explicit padding, and every conv on GPU/TPU (whose backward-filter kernels are
-    tuned, and where the matmul form is unmeasured), goes to lax unchanged.
+    explicit non-negative padding goes to `conv_xla` unchanged.
     """
-    plain = (jax.default_backend() == "cpu" and lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
+    plain = (lhs.ndim == 4 and feature_group_count == 1 and not isinstance(padding, str)
              and all(d in (None, 1) or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
              and all(v is None for v in kwargs.values())
              and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
     if plain:
-        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-        if all(p >= 0 for pair in padding for p in pair):
-            return _conv2d(lhs, rhs, tuple(int(s) for s in window_strides), padding, precision)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count, precision, **kwargs)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if all(p >= 0 for pair in pads for p in pair):
+            return _conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
+    return conv_xla(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                    dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+                    precision=precision, **kwargs)
+
+
+CONV_FUNCTIONS = {"xla": conv_xla, "matmul": conv_matmul}
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+    """The "auto" conv of a model without `Kernels`: `kernels.choose_conv` on JAX's default backend."""
+    return CONV_FUNCTIONS[kernels.choose_conv(None)](lhs, rhs, window_strides, padding, **kwargs)
+
+
+def apply_kernels(model: nnx.Module, choice: kernels.Kernels) -> nnx.Module:
+    """Point every attention layer and conv of `model` at `choice` (in place; returns `model`).
+
+    Attention layers (modules with a `kernels` attribute) get `choice`; every `nnx.Conv` gets
+    the conv function `kernels.choose_conv` names. Call it before `nnx.split`: the choice is
+    part of the graphdef, so jitted functions specialise on it.
+    """
+    conv_fn = CONV_FUNCTIONS[kernels.choose_conv(choice.backend, choice.conv)]
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Conv):
+            node.conv_general_dilated = conv_fn
+        elif isinstance(node, nnx.Module) and hasattr(node, "kernels"):
+            node.kernels = choice
+    return model
 
 
 def conv(in_ch: int, out_ch: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
@@ -230,28 +264,54 @@ def _attend_cpu(qh, kh, vh, scale: float):
     return jnp.swapaxes(out.reshape(b, h, lq, d), 1, 2)
 
 
-def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Scaled dot-product attention, softmax in float32.
+def _attend_softmax(qh, kh, vh, scale: float, causal: bool):
+    """The plain form: (B, H, Lq, Lk) float32 logits, softmax, PV. q, k, v: (B, L, H, D)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    if causal:
+        lq, lk = qh.shape[1], kh.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((lq, lk), jnp.bool_)), logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
+
+
+def _attend_pallas(qh, kh, vh, scale: float, causal: bool):
+    """TPU flash attention (Pallas), in its (B, H, L, D) layout."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash  # TPU-only, heavy
+
+    qt, kt, vt = (jnp.swapaxes(a, 1, 2) for a in (qh, kh, vh))
+    out = pallas_flash.flash_attention(qt, kt, vt, causal=causal, sm_scale=scale)
+    return jnp.swapaxes(out, 1, 2).astype(qh.dtype)
+
+
+def _attend(impl: str, qh, kh, vh, scale: float, causal: bool):
+    if impl == "softmax":
+        return _attend_softmax(qh, kh, vh, scale, causal)
+    if impl in ("xla", "cudnn"):
+        return jax.nn.dot_product_attention(qh, kh, vh, scale=scale, is_causal=causal, implementation=impl)
+    if impl == "chunked":
+        return _attend_cpu(qh, kh, vh, scale)
+    if impl == "pallas":
+        return _attend_pallas(qh, kh, vh, scale, causal)
+    raise kernels.KernelError(f"unknown attention implementation {impl!r}")
+
+
+def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int,
+                         choice: kernels.Kernels | None = None, *, causal: bool = False) -> jax.Array:
+    """Scaled dot-product attention, logits and softmax in float32.
 
     q: (B, Lq, heads * Dh), k and v: (B, Lk, heads * Dh) -> (B, Lq, heads * Dh), in q's dtype.
-    On GPU/TPU it goes through `jax.nn.dot_product_attention` so XLA (and cuDNN on GPU) can
-    fuse it. On CPU it is `_attend_cpu` (per head and in query chunks when the logits are large).
+    causal: position i attends to keys j <= i. The implementation is
+    `kernels.attention_impl(choice, ...)`: cuDNN flash attention on NVIDIA GPUs, Pallas flash
+    attention on TPU, the chunked CPU form on CPU, XLA's where those cannot take the shapes.
     """
     b, lq, inner = q.shape
     dh = inner // heads
     qh = q.reshape(b, lq, heads, dh)
     kh = k.reshape(b, k.shape[1], heads, dh)
     vh = v.reshape(b, v.shape[1], heads, dh)
-    if jax.default_backend() == "cpu":
-        out = _attend_cpu(qh, kh, vh, dh ** -0.5)
-    elif q.dtype == jnp.float32:
-        out = jax.nn.dot_product_attention(qh, kh, vh)
-    else:
-        # Logits and softmax in float32 (upcast_attention semantics), values back in q's dtype.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * (dh ** -0.5), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
-    return out.reshape(b, lq, inner)
+    impl = kernels.attention_impl(choice, q.dtype, qh.shape, kh.shape, causal=causal)
+    out = _attend(impl, qh, kh, vh, dh ** -0.5, causal)
+    return out.astype(q.dtype).reshape(b, lq, inner)
 
 
 class ResnetBlock2D(nnx.Module):

@@ -132,11 +132,12 @@ class VAEAttention(nnx.Module):
         self.to_k = nnx.Linear(ch, ch, **kw)
         self.to_v = nnx.Linear(ch, ch, **kw)
         self.to_out = nnx.List([nnx.Linear(ch, ch, **kw)])
+        self.kernels = None  # sdjax.models.kernels.Kernels, set by layers.apply_kernels
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         seq = self.group_norm(x).reshape(b, h * w, c)
-        out = multi_head_attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), heads=1)
+        out = multi_head_attention(self.to_q(seq), self.to_k(seq), self.to_v(seq), 1, self.kernels)
         out = self.to_out[0](out).reshape(b, h, w, c)
         return out + x.astype(out.dtype)
 
