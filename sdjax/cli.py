@@ -27,6 +27,7 @@ from pathlib import Path
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
 from sdjax.errors import SdjaxError
+from sdjax.models.kernels import ATTENTION, CONV
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
@@ -84,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--batch-count", type=int)
         s.add_argument("--clip-skip", type=int)
         s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+        s.add_argument("--attention", choices=ATTENTION,
+                       help="attention implementation (default auto: cuDNN flash on NVIDIA GPUs, Pallas flash "
+                            "on TPU, chunked on CPU; env SDJAX_ATTENTION)")
+        s.add_argument("--conv", choices=CONV, help="convolution implementation (default auto; env SDJAX_CONV)")
         s.add_argument("--out", default="outputs", help="output folder, or a .png file for one image")
         s.add_argument("--prompts-file", help="one prompt per line, or JSONL with per-line options")
         s.add_argument("--grid", action="store_true", help="also write grid.png")
@@ -284,7 +289,7 @@ def _run(args) -> int:
     o["seed"] = _shared_seed(o["seed"], hosts)
     import sdjax
 
-    pipe = sdjax.load_pipeline(model, o["dtype"])
+    pipe = sdjax.load_pipeline(model, o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
     defaults = _generate_kwargs(o, command)
     defaults.pop("prompt", None)
     defaults.update(device_kw)

@@ -101,9 +101,9 @@ def _load(pipe, model) -> ControlNet:
     cache = getattr(pipe, "_sdjax_controlnet_cache", None)
     if cache is None:
         cache = pipe._sdjax_controlnet_cache = {}
-    key = (str(path.resolve()), str(pipe.dtype))
+    key = (str(path.resolve()), str(pipe.dtype), getattr(pipe, "kernels", None))
     if key not in cache:
-        cache[key] = load_controlnet(path, pipe.dtype)
+        cache[key] = load_controlnet(path, pipe.dtype, kernels=getattr(pipe, "kernels", None))
     return cache[key]
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdjax.models.kernels import Kernels
 from sdjax.pipeline import Component, _check_dtype, jitted
 
 __all__ = ["ControlNet", "load_controlnet", "canny", "prepare_control_image", "controlnet_keep",
@@ -40,8 +41,8 @@ class ControlNet(Component):
     conditioning_scale, guess_mode=False) -> (down residuals list, mid residual)`, jitted
     with `guess_mode` static and `conditioning_scale` traced."""
 
-    def __init__(self, model, config, source=None):
-        super().__init__(model, config, source)
+    def __init__(self, model, config, source=None, kernels=None):
+        super().__init__(model, config, source, kernels)
         self.apply = jitted(self.graphdef, "__call__", ("guess_mode",))
 
     @property
@@ -64,21 +65,22 @@ class ControlNet(Component):
 
 def load_controlnet(path: str | os.PathLike, dtype: Any = "float32", *, config: Any = None,
                     variant: str | None = None,
-                    sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None
-                    ) -> ControlNet:
+                    sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
+                    kernels: Kernels | None = None) -> ControlNet:
     """A diffusers ControlNet folder (config.json + weights) or an original-format file -> ControlNet.
 
     dtype: "float32" or "bfloat16" ("float16" accepted), parameters and compute. config: a
     config dict / config.json / folder overriding the folder's config or, for an original
     file, the config read from its shapes (see `sdjax.weights.controlnet_files.infer_config`:
     heads follow SD's rule; the "shuffle" ControlNet needs `global_pool_conditions: true`).
-    variant: e.g. "fp16". Raises CheckpointError / ConfigError naming the file and problem.
+    variant: e.g. "fp16". kernels: the attention / conv implementations
+    (`sdjax.models.kernels.Kernels`; None: "auto" on the default backend). Raises CheckpointError / ConfigError naming the file and problem.
     """
     from sdjax.weights.controlnet_files import load_controlnet_model
 
     model, cfg = load_controlnet_model(path, _check_dtype(dtype), config=config, variant=variant,
                                        sharding=sharding)
-    return ControlNet(model, cfg, Path(path))
+    return ControlNet(model, cfg, Path(path), kernels)
 
 
 # ------------------------------------------------------------------------------------ step scales

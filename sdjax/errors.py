@@ -15,3 +15,7 @@ class CheckpointError(SdjaxError, ValueError):
 
 class UnsafePickleError(CheckpointError):
     """A pickle asked for something other than tensors and plain containers."""
+
+
+class KernelError(SdjaxError, ValueError):
+    """An attention or conv implementation that does not exist or cannot run on this backend."""

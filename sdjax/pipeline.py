@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sdjax.errors import ConfigError
+from sdjax.models.kernels import Kernels
+from sdjax.models.layers import apply_kernels
 from sdjax.weights import diffusers as diffusers_folder
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
@@ -64,10 +66,13 @@ class Component:
     is the weights pytree; `nnx.merge(c.graphdef, c.state)` gives the NNX module back.
     """
 
-    def __init__(self, model: nnx.Module, config: Any, source: Path | None = None):
+    def __init__(self, model: nnx.Module, config: Any, source: Path | None = None, kernels: Kernels | None = None):
+        if kernels is not None:
+            apply_kernels(model, kernels)
         self.graphdef, self.state = nnx.split(model)
         self.config = config
         self.source = source
+        self.kernels = kernels
         self.apply = jitted(self.graphdef)
 
     def module(self) -> nnx.Module:
@@ -86,8 +91,8 @@ class TextEncoder(Component):
     """CLIP text encoder. `apply(state, input_ids, output_hidden_states=False) -> CLIPTextOutput`
     (`output_hidden_states` is static). input_ids: (B, L) int, L <= 77."""
 
-    def __init__(self, model, config, source=None):
-        super().__init__(model, config, source)
+    def __init__(self, model, config, source=None, kernels=None):
+        super().__init__(model, config, source, kernels)
         self.apply = jitted(self.graphdef, "__call__", ("output_hidden_states",))
 
     def __call__(self, input_ids, *, output_hidden_states: bool = False):
@@ -116,8 +121,8 @@ class VAE(Component):
     -> (mean, logvar) and `apply_decode(state, latents_nhwc)` -> images are the pure halves.
     Latents are unscaled: multiply by `scaling_factor` after encoding, divide before decoding."""
 
-    def __init__(self, model, config, source=None):
-        super().__init__(model, config, source)
+    def __init__(self, model, config, source=None, kernels=None):
+        super().__init__(model, config, source, kernels)
         self.apply_encode = jitted(self.graphdef, "encode")
         self.apply_decode = jitted(self.graphdef, "decode")
 
@@ -140,11 +145,13 @@ class Pipeline:
     Attributes: `tokenizer` (transformers CLIPTokenizer), `text_encoder`, `unet`,
     `vae` (Components, see the module docstring), `scheduler_config` (dict from
     scheduler/scheduler_config.json), `model_index` (dict), `model_dir` (Path),
-    `dtype` (jnp.dtype of the weights and of the computation).
+    `dtype` (jnp.dtype of the weights and of the computation), `kernels`
+    (`sdjax.models.kernels.Kernels`: the attention and conv implementations its models use).
     """
 
     def __init__(self, *, model_dir: Path, dtype, tokenizer, text_encoder: TextEncoder, unet: UNet,
-                 vae: VAE, scheduler_config: dict, model_index: dict):
+                 vae: VAE, scheduler_config: dict, model_index: dict, kernels: Kernels | None = None):
+        self.kernels = kernels
         self.model_dir = model_dir
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -153,6 +160,20 @@ class Pipeline:
         self.vae = vae
         self.scheduler_config = scheduler_config
         self.model_index = model_index
+
+    def use_kernels(self, attention: str | None = None, conv: str | None = None, *,
+                    kernels: Kernels | None = None) -> "Pipeline":
+        """Switch the attention / conv implementations of all three models (names from
+        `sdjax.models.kernels.ATTENTION` / `CONV`; None keeps the current choice), or set a whole
+        `Kernels` value. The weights are shared, not copied; the next call compiles for the new
+        choice. Returns self."""
+        current = self.kernels or Kernels.resolve()
+        self.kernels = kernels or Kernels(attention=attention or current.attention, conv=conv or current.conv,
+                                          backend=current.backend)
+        for name in ("text_encoder", "unet", "vae"):
+            c = getattr(self, name)
+            setattr(self, name, type(c)(c.module(), c.config, c.source, self.kernels))
+        return self
 
     def states(self) -> dict[str, Any]:
         """{'text_encoder': state, 'unet': state, 'vae': state}: all weights as one pytree."""
@@ -212,6 +233,8 @@ def load_pipeline(
     sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
     prediction_type: str | None = None,
     config_dir: str | os.PathLike | None = None,
+    attention: str | None = None,
+    conv: str | None = None,
 ) -> Pipeline:
     """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint folder, or a single file.
 
@@ -230,24 +253,30 @@ def load_pipeline(
     variant uses it without being asked). sharding: optional
     `(state path, abstract leaf) -> jax.sharding.Sharding` for every parameter;
     by default weights go to the default device.
+    attention, conv: the implementations the models use (`sdjax.models.kernels`: attention
+    "auto", "cudnn", "pallas", "xla", "chunked" or "softmax"; conv "auto", "xla" or "matmul");
+    None reads SDJAX_ATTENTION / SDJAX_CONV, else "auto" (cuDNN flash attention on NVIDIA
+    GPUs, Pallas flash attention on TPU, sdjax's chunked form on CPU).
 
-    Raises CheckpointError (folder, file or tensor problems, naming them) and
+    Raises KernelError (an implementation that does not exist or cannot run here), CheckpointError (folder, file or tensor problems, naming them) and
     ConfigError (a config value sdjax does not support, naming file, key and value).
     """
     model_dir = Path(path).expanduser()
     dtype = _check_dtype(dtype)
+    kernels = Kernels.resolve(attention, conv)
     if model_dir.is_file():
-        return _load_single_file(model_dir, dtype, sharding, prediction_type, config_dir)
+        return _load_single_file(model_dir, dtype, sharding, prediction_type, config_dir, kernels)
     index = diffusers_folder.read_model_index(model_dir)
     kw = dict(dtype=dtype, variant=variant, sharding=sharding)
     parts = {}
     for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE)):
         model, config = diffusers_folder.load_model(kind, model_dir / kind, **kw)
-        parts[kind] = cls(model, config, model_dir / kind)
+        parts[kind] = cls(model, config, model_dir / kind, kernels)
         del model
     return Pipeline(
         model_dir=model_dir,
         dtype=dtype,
+        kernels=kernels,
         tokenizer=diffusers_folder.load_tokenizer(model_dir / "tokenizer"),
         scheduler_config=diffusers_folder.read_scheduler_config(model_dir / "scheduler"),
         model_index=index,
@@ -258,13 +287,13 @@ def load_pipeline(
 # --- single-file checkpoints (.safetensors / .ckpt in the original LDM layout) -------------------
 
 
-def _load_single_file(path: Path, dtype, sharding, prediction_type, config_dir) -> Pipeline:
+def _load_single_file(path: Path, dtype, sharding, prediction_type, config_dir, kernels) -> Pipeline:
     """A single-file SD1/SD2 checkpoint -> Pipeline; see `sdjax.weights.single_file`."""
     from sdjax.weights.single_file import load_single_file_models
 
     loaded = load_single_file_models(path, dtype=dtype, sharding=sharding, prediction_type=prediction_type,
                                      config_dir=config_dir)
-    parts = {kind: cls(*loaded.pop(kind), path)
+    parts = {kind: cls(*loaded.pop(kind), path, kernels)
              for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE))}
-    return Pipeline(model_dir=path, dtype=dtype, tokenizer=loaded["tokenizer"],
+    return Pipeline(model_dir=path, dtype=dtype, kernels=kernels, tokenizer=loaded["tokenizer"],
                     scheduler_config=loaded["scheduler_config"], model_index=loaded["model_index"], **parts)

@@ -41,6 +41,8 @@ import os
 import jax
 import jax.numpy as jnp
 
+from sdjax.errors import KernelError
+
 ATTENTION = ("auto", "softmax", "xla", "cudnn", "chunked", "pallas")
 CONV = ("auto", "xla", "matmul")
 BACKENDS = ("cpu", "gpu", "tpu")
@@ -48,10 +50,6 @@ BACKENDS = ("cpu", "gpu", "tpu")
 _ATTENTION_BACKENDS = {"cudnn": ("gpu",), "pallas": ("tpu",)}
 _CUDNN_MAX_HEAD_DIM = 128
 _PALLAS_BLOCK = 128
-
-
-class KernelError(ValueError):
-    """An attention or conv implementation that does not exist or cannot run on this backend."""
 
 
 def _backend(backend: str | None) -> str:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from sdjax.errors import ConfigError
+from sdjax.models.kernels import check_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,7 @@ class TrainConfig:
     offset_noise: float = 0.0
     caption_dropout: float = 0.1
     mixed_precision: str = "no"        # "no" (float32) or "bf16" (bf16 compute, fp32 master weights)
+    attention: str | None = None       # sdjax.models.kernels.ATTENTION name; None: SDJAX_ATTENTION or "auto"
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False
     checkpoint_every: int = 500
@@ -57,6 +59,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __post_init__(self):
+        if self.attention is not None:
+            check_attention(self.attention)
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
         for name in ("resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every",

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel
+from sdjax.models.layers import apply_kernels
 from sdjax.train import lora as lora_lib
 from sdjax.train import step as train_step_lib
 from sdjax.train.checkpoint import Checkpointer
@@ -39,7 +40,7 @@ class Trainer:
         self.log = log
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.pipe = load_pipeline(cfg.model, dtype="float32")
+        self.pipe = load_pipeline(cfg.model, dtype="float32", attention=cfg.attention)
         self.dataset = dataset if dataset is not None else open_dataset(cfg.data, resolution=cfg.resolution)
         # One optimizer step consumes grad_accum loader batches of batch_size examples.
         self.loader = CaptionLoader(self.dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
@@ -118,11 +119,15 @@ class Trainer:
 
     @staticmethod
     def _graphdef(component, compute_dtype):
-        """The component's graph with `compute_dtype` compute and float32 parameters."""
+        """The component's graph with `compute_dtype` compute, float32 parameters and the
+        component's attention / conv implementations."""
         from sdjax.weights.diffusers import abstract_model
 
         cls, config = type(nnx.merge(component.graphdef, component.state)), component.config
-        return nnx.split(abstract_model(cls, config, compute_dtype, param_dtype=jnp.float32))[0]
+        model = abstract_model(cls, config, compute_dtype, param_dtype=jnp.float32)
+        if component.kernels is not None:
+            apply_kernels(model, component.kernels)
+        return nnx.split(model)[0]
 
     def batch(self, step: int) -> dict:
         """The (grad_accum, batch_size, ...) batch of optimizer step `step`, sharded over data."""
