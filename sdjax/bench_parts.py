@@ -292,7 +292,7 @@ def worker(spec: dict) -> dict:
     """Inside a fresh process. spec: task ('generate' | 'ready' | 'unet'), side ('sdjax' |
     'diffusers'), reference, tiny, dtype, seed, cores (CPU affinity), and per task: size, steps,
     guidance, cache_dir, aot_size, aot_steps ('generate'; 'ready' times only up to the first
-    sampler step); latent, repeats, attention ('unet'). Times from process start."""
+    sampler step); latent, repeats, attention ('unet': 'default' or a `sdjax.models.kernels.ATTENTION` name). Times from process start."""
     t0 = time.perf_counter()
     if spec.get("cores"):
         os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:spec["cores"]]))
@@ -340,8 +340,13 @@ def _sdjax_worker(spec, configs, out, t0):
     jax.block_until_ready(jax.tree.leaves(models))
     out["weights_s"], out["weights_rss_gib"] = time.perf_counter() - t0, _rss_gib()
     if spec["task"] == "unet":
-        _patch_attention(spec.get("attention", "default"))
         from flax import nnx
+        from sdjax.models.kernels import Kernels
+        from sdjax.models.layers import apply_kernels
+
+        # 'default' = sdjax's choice; otherwise a name from sdjax.models.kernels.ATTENTION.
+        if spec.get("attention", "default") != "default":
+            apply_kernels(models["unet"], Kernels.resolve(attention=spec["attention"]))
         graph, state = nnx.split(models["unet"])
         fn = jax.jit(lambda s, x, t, c: nnx.merge(graph, s)(x, t, c))
         lat = spec["latent"]
@@ -428,30 +433,6 @@ def _diffusers_worker(spec, configs, out, t0):
     out["first_result_s"] = time.perf_counter() - t0
     out["first_step_s"] = first_step[0] if first_step else None
     out["finite"] = bool(np.isfinite(images).all())
-
-
-def _patch_attention(kind: str) -> None:
-    """Swap the UNet's attention kernel: 'dpa' = jax.nn.dot_product_attention at every dtype,
-    'einsum' = two einsums with a float32 softmax over all heads at once, 'default' = sdjax's
-    choice (on CPU: per head, in query chunks, see sdjax.models.layers._attend_cpu)."""
-    if kind == "default":
-        return
-    import jax
-    import jax.numpy as jnp
-    from sdjax.models import attention
-
-    def mha(q, k, v, heads):
-        b, lq, inner = q.shape
-        dh = inner // heads
-        qh, kh, vh = (a.reshape(a.shape[0], a.shape[1], heads, dh) for a in (q, k, v))
-        if kind == "dpa":
-            out = jax.nn.dot_product_attention(qh, kh, vh)
-        else:
-            logits = jnp.einsum("bqhd,bkhd->bhqk", qh, kh, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits * dh ** -0.5, axis=-1).astype(v.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, vh)
-        return out.reshape(b, lq, inner)
-    attention.multi_head_attention = mha
 
 
 if __name__ == "__main__":

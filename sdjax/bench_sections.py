@@ -235,21 +235,19 @@ def _cost_flops(staged) -> float:
 
 
 def _unet_flops(ctx: Context, lat: int) -> float:
-    """FLOPs of one UNet b2 call in its plain formulation (lax convs, attention unchunked), by
+    """FLOPs of one UNet b2 call in its plain formulation (lax convs, softmax attention), by
     XLA's cost analysis of the lowered program. The CPU forms run loops (per-head attention)
     whose bodies the analysis counts once, and skip taps of tiny convs that only read padding,
     so their own program would under-count the work diffusers does too."""
     import jax
     from flax import nnx
-    from sdjax.models import layers
+    from sdjax.models.kernels import Kernels
+    from sdjax.models.layers import apply_kernels
 
-    args, graph = _sdjax_unet_args(ctx, lat), ctx.pipe.unet.graphdef
-    saved = layers._MAX_LOGITS, layers._IM2COL_MAX_PIXELS
-    layers._MAX_LOGITS, layers._IM2COL_MAX_PIXELS = 1 << 62, 0
-    try:  # a new function, so no cached trace of the CPU forms is reused
-        return _cost_flops(jax.jit(lambda s, x, t, c: nnx.merge(graph, s)(x, t, c)).lower(*args))
-    finally:
-        layers._MAX_LOGITS, layers._IM2COL_MAX_PIXELS = saved
+    args = _sdjax_unet_args(ctx, lat)
+    plain = apply_kernels(ctx.pipe.unet.module(), Kernels(attention="softmax", conv="xla"))
+    graph = nnx.graphdef(plain)
+    return _cost_flops(jax.jit(lambda s, x, t, c: nnx.merge(graph, s)(x, t, c)).lower(*args))
 
 
 def section_flops(ctx: Context) -> list[Row]:
@@ -346,8 +344,8 @@ LEVERS: tuple[tuple[str, dict, dict | None], ...] = (
     ("float32 (default)", {}, {}),
     ("bfloat16", {"dtype": "bfloat16"}, {"dtype": "bfloat16"}),
     ("f32, --xla_cpu_multi_thread_eigen=false", {"xla_flags": "--xla_cpu_multi_thread_eigen=false"}, None),
-    ("f32, attention = einsum + f32 softmax", {"attention": "einsum"}, None),
-    ("bf16, attention = jax.nn.dot_product_attention", {"dtype": "bfloat16", "attention": "dpa"}, None),
+    ("f32, attention = einsum + f32 softmax", {"attention": "softmax"}, None),
+    ("bf16, attention = jax.nn.dot_product_attention", {"dtype": "bfloat16", "attention": "xla"}, None),
     ("f32, 1 core (affinity; torch 1 thread)", {"cores": 1}, {"cores": 1}),
     ("f32, --xla_cpu_use_thunk_runtime=false", {"xla_flags": "--xla_cpu_use_thunk_runtime=false"}, None),
     ("f32, --xla_cpu_use_onednn=true", {"xla_flags": "--xla_cpu_use_onednn=true"}, None),
