@@ -99,15 +99,21 @@ def test_parse_prompt_attention_random_prompts_keep_all_plain_text():
         prompt = "".join(rng.choice(alphabet, size=rng.integers(0, 40)))
         assert parse_prompt_attention(prompt) == [(prompt, 1.0)]
     brackets = list("ab ()[]:1.\\")
+    parsed = weighted = 0
     for _ in range(300):
         prompt = "".join(rng.choice(brackets, size=rng.integers(0, 30)))
         try:
             got = parse_prompt_attention(prompt)
         except PromptError:
             continue  # e.g. "(a:1.1.)": A1111 raises too
+        parsed += 1
+        weighted += len(got) > 1
         assert len(got) >= 1
         for (_, w1), (_, w2) in zip(got, got[1:]):
             assert w1 != w2  # equal neighbours are merged
+    # The property was checked on many prompts, many of them with several weights: a parser
+    # that raised on everything would otherwise pass this loop having tested nothing.
+    assert parsed >= 250 and weighted >= 100, (parsed, weighted)
 
 
 @pytest.fixture(scope="module")

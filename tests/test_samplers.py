@@ -205,7 +205,7 @@ def test_registry_and_errors():
     assert set(SAMPLERS) >= {
         "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
         "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddim", "ddpm",
-        "ipndm", "plms", "unipc", "unipc_bh2", "lcm",
+        "ipndm", "ipndm_v", "plms", "unipc", "unipc_bh2", "lcm",
     }
     den = lambda x, s: x * 0.0  # noqa: E731
     x = jnp.ones((1, 2))

@@ -11,7 +11,6 @@ from conftest import reference
 
 from sdjax.errors import ConfigError
 from sdjax.sampling import SCHEDULES, DiscreteModel, diffusers_schedule, get_sigmas, get_timesteps
-from sdjax.sampling.schedules import AYS_TABLES
 
 diffusers = pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
@@ -174,27 +173,42 @@ def test_ddim_uniform_keeps_ldm_timesteps_when_steps_do_not_divide(sd15):
     np.testing.assert_array_equal(sigmas[:-1], sd15.sigmas[timesteps][::-1])
 
 
-def test_beta_picks_table_entries_at_beta_quantiles(sd15):
-    sigmas = get_sigmas("beta", 20, sd15)
-    assert set(sigmas[:-1].tolist()) <= set(sd15.sigmas.tolist())
-    # Beta(0.6, 0.6) puts more steps at both ends than in the middle (in timestep terms).
-    t = np.asarray(sd15.sigma_to_t(sigmas[:-1]))
-    gaps = -np.diff(t)
-    assert gaps[0] < gaps[9] and gaps[-1] < gaps[9]
-    # A flatter Beta(1, 1) is uniform in timesteps.
-    flat = np.asarray(sd15.sigma_to_t(get_sigmas("beta", 10, sd15, alpha=1.0, beta_param=1.0)[:-1]))
-    np.testing.assert_allclose(-np.diff(flat), np.full(9, 99.9), atol=1.0)
+@pytest.mark.parametrize("steps,alpha,beta_param", [(20, 0.6, 0.6), (9, 0.5, 0.7), (30, 1.0, 1.0)])
+def test_beta_picks_table_entries_at_beta_quantiles(sd15, steps, alpha, beta_param):
+    """Lee et al. 2024 as ComfyUI's beta_scheduler: timesteps T_max * ppf(1 - k/steps) of
+    Beta(alpha, beta), rounded, repeats dropped, their table sigmas, then 0."""
+    from scipy import stats
+
+    quantiles = 1.0 - np.arange(steps) / steps
+    ts = np.rint(stats.beta.ppf(quantiles, alpha, beta_param) * (sd15.num_train_timesteps - 1)).astype(int)
+    ts = [t for k, t in enumerate(ts) if k == 0 or t != ts[k - 1]]
+    expected = np.append(sd15.sigmas.astype(np.float64)[ts], 0.0)
+    got = get_sigmas("beta", steps, sd15, alpha=alpha, beta_param=beta_param)
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=0, atol=0)
+    assert ts[0] == 999 and len(got) == steps + 1
+
+
+# NVIDIA's published 10-step "Align Your Steps" noise levels (Sabour et al. 2024,
+# https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), typed in here so
+# the test does not read sdjax's own table.
+PUBLISHED_AYS = {
+    "sd15": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+}
 
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_align_your_steps_is_the_published_table(sd15, family):
-    table = list(AYS_TABLES[family])
+    published = PUBLISHED_AYS[family]
+    # 10 steps: the table itself, its last level replaced by 0 (ComfyUI's AlignYourStepsScheduler).
     np.testing.assert_allclose(get_sigmas("align_your_steps", 10, sd15, ays_family=family),
-                               table[:-1] + [0.0], rtol=1e-6)
-    longer = get_sigmas("Align Your Steps", 20, sd15, ays_family=family)
-    assert longer.shape == (21,) and longer[0] == pytest.approx(table[0], rel=1e-6)
-    # Log-linear interpolation: every other point of the 20-step table is the 10-step one.
-    np.testing.assert_allclose(longer[:-1:2], table[:-1], rtol=1e-5)
+                               published[:-1] + [0.0], rtol=1e-6)
+    # Other step counts: the table interpolated linearly in log(sigma) over an even grid.
+    for steps in (20, 7):
+        grid = np.linspace(0.0, 1.0, steps + 1)
+        expected = np.exp(np.interp(grid, np.linspace(0.0, 1.0, 11), np.log(published[::-1])))[::-1]
+        got = get_sigmas("Align Your Steps", steps, sd15, ays_family=family)
+        np.testing.assert_allclose(got, np.append(expected[:-1], 0.0), rtol=1e-6)
 
 
 def test_bad_schedule_arguments(sd15):
@@ -225,10 +239,19 @@ def test_diffusers_schedule_matches_set_timesteps(solver, spacing, kind, steps):
     timesteps, sigmas = diffusers_schedule(model, steps, solver=solver)
     assert timesteps.dtype == np.float32 and sigmas.dtype == np.float32
     np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=1e-4, atol=1e-7)
-    # DPM-Solver truncates fractional timesteps to int64; at sigma_max diffusers' own float32
-    # table gives 998.99999975 -> 998 where sdjax's gives 999.0: a one-timestep knife edge.
-    atol = 1.0 if solver == "dpmsolver" and kind in ("exponential", "beta") else 2e-3
-    np.testing.assert_allclose(timesteps, ref.timesteps.numpy().astype(np.float32), atol=atol)
+    ref_t = ref.timesteps.numpy().astype(np.float32)
+    if solver == "dpmsolver" and kind in ("exponential", "beta"):
+        # DPM-Solver truncates fractional timesteps to int64; at sigma_max diffusers' own float32
+        # table gives 998.99999975 -> 998 where sdjax's gives 999.0: a one-timestep knife edge
+        # at the first timestep only. Every other timestep must be the same integer.
+        assert timesteps[0] - ref_t[0] in (0.0, 1.0), (timesteps[0], ref_t[0])
+        np.testing.assert_array_equal(timesteps[1:], ref_t[1:])
+    elif np.all(ref_t == np.round(ref_t)):
+        np.testing.assert_array_equal(timesteps, ref_t)  # integer timesteps: the same integers
+    else:
+        # Euler's fractional timesteps for Karras/exponential/beta sigmas are interpolated in
+        # diffusers' float32 log-sigma table (sdjax's is float64): they agree to ~1e-3 of a step.
+        np.testing.assert_allclose(timesteps, ref_t, rtol=0, atol=2e-3)
     if kind == "default":
         np.testing.assert_array_equal(get_timesteps(model, steps, solver=solver), timesteps)
 

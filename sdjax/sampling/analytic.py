@@ -134,11 +134,13 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 
 
 def convergence(name: str, problem, steps_list, *, batch: int = 32, event_shape=(8,),
-                sigma_min: float = 0.02, sigma_max: float = 20.0, seed: int = 0, **knobs):
+                sigma_min: float = 0.02, sigma_max: float = 20.0, rho: float = 7.0, seed: int = 0,
+                **knobs):
     """Error of sampler `name` on `problem` for each step count: (nfe, errors), lists.
 
     Runs in float64 (jax.enable_x64) so rounding does not hide the truncation error. The
-    schedule is Karras' from sigma_max to sigma_min *without* the final 0: the jump to 0 is a
+    schedule is Karras' (exponent `rho`; rho = 1 is uniform in sigma) from sigma_max to
+    sigma_min *without* the final 0: the jump to 0 is a
     single denoising step whose error does not shrink with the step count, so the error is
     measured at sigma_min against the exact flow of `problem` (RMS over all elements).
     NFE is counted from the denoiser calls actually made.
@@ -152,7 +154,7 @@ def convergence(name: str, problem, steps_list, *, batch: int = 32, event_shape=
         x0 = problem.sample(key_x0, (batch,) + event_shape).astype(jnp.float64)
         x_init = x0 + sigma_max * jax.random.normal(key_n, x0.shape, jnp.float64)
         for steps in steps_list:
-            sigmas = karras_sigmas(int(steps) + 1, sigma_min, sigma_max, zero=False)
+            sigmas = karras_sigmas(int(steps) + 1, sigma_min, sigma_max, rho=rho, zero=False)
             calls = []
 
             def denoise(x, sigma):

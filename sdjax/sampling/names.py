@@ -27,7 +27,7 @@ class UnknownNameError(SdjaxError, ValueError):
 SAMPLERS: list[str] = [
     "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
     "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-    "dpmpp_3m_sde", "ddim", "ddpm", "ipndm", "plms", "unipc", "unipc_bh2", "lcm",
+    "dpmpp_3m_sde", "ddim", "ddpm", "ipndm", "ipndm_v", "plms", "unipc", "unipc_bh2", "lcm",
 ]
 
 # Canonical schedule ids: the names `sdjax.sampling.get_sigmas` takes.
@@ -53,6 +53,7 @@ _SAMPLER_LABELS: dict[str, list[str]] = {
     "ddim": ["DDIM", "DDIMScheduler"],
     "ddpm": ["DDPM", "DDPMScheduler"],
     "ipndm": ["iPNDM", "IPNDM"],
+    "ipndm_v": ["iPNDM v"],
     "plms": ["PLMS", "PNDMScheduler"],
     "unipc": ["UniPC", "uni_pc", "UniPCMultistepScheduler"],
     "unipc_bh2": ["UniPC BH2", "uni_pc_bh2"],

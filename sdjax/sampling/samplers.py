@@ -286,6 +286,7 @@ SAMPLERS = {
     "ddpm": sample_ddpm,
     "plms": ms.sample_plms,
     "ipndm": ms.sample_ipndm,
+    "ipndm_v": ms.sample_ipndm_v,
     "unipc": ms.sample_unipc,
     "unipc_bh2": functools.partial(ms.sample_unipc, solver_type="bh2"),
     "lcm": sample_lcm,
@@ -293,7 +294,8 @@ SAMPLERS = {
 
 # Samplers that use no noise with their default knobs (an ODE solver); the rest need `key`.
 DETERMINISTIC_SAMPLERS = (
-    "euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "plms", "ipndm", "unipc", "unipc_bh2",
+    "euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "plms", "ipndm", "ipndm_v", "unipc",
+    "unipc_bh2",
 )
 
 

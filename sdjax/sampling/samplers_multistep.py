@@ -174,9 +174,32 @@ _AB = [
 ]
 
 
-def _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start: bool):
+def _ab_fixed(sigmas, i):
+    """The constant Adams-Bashforth weights (4,) of order min(i + 1, 4)."""
+    return jnp.asarray(_AB, sigmas.dtype)[jnp.minimum(i, 3)]
+
+
+def _ab_variable(sigmas, i):
+    """Variable-step Adams-Bashforth weights (4,) of order min(i + 1, 4), per unit step.
+
+    The exact weights for non-uniform steps in sigma: the integrals over [sigma_i, sigma_{i+1}]
+    of the Lagrange basis on sigma_i, sigma_{i-1}, ..., divided by the step (`_lms_coeffs`).
+    They reduce to `_AB` on uniform steps.
+
+    ComfyUI's `sample_ipndm_v` (copied from zju-pi/diff-sampler) is meant to be this method,
+    but its published order-3 and order-4 weights are not: its `temp1` puts the step-ratio
+    factor inside the (1 - ...) rather than multiplying it (equal only on uniform steps), and
+    its order-4 weights do not sum to 1 unless consecutive step ratios are equal
+    (sum = 1 + q (h2/h3 - h1/h2)), so on a Karras schedule it is not even consistent and
+    converges at about 1st order. sdjax implements the method, so its `ipndm_v` differs from
+    ComfyUI's numbers on non-uniform schedules (tests/test_sampler_reference.py shows both).
+    """
+    h = sigmas[i + 1] - sigmas[i]
+    return _lms_coeffs(sigmas, i, 4) / jnp.where(h != 0, h, 1.0)
+
+
+def _pseudo_multistep(denoise, x_init, sigmas, callback, coeffs_fn, heun_start: bool, denoise_to_zero: bool):
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    table = jnp.asarray(_AB, x.dtype)
 
     def step(carry, inp):
         x, ds = carry
@@ -185,7 +208,7 @@ def _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start: bool):
         emit(callback, i, x, x0_pred, sigma)
         d = to_d(x, sigma, x0_pred)
         ds = jnp.concatenate([d[None], ds[:-1]])
-        coeffs = table[jnp.minimum(i, 3)]
+        coeffs = coeffs_fn(sigmas, i).astype(x.dtype)
         x_ab = x + jnp.tensordot(coeffs, ds, axes=1) * (sigma_next - sigma)
         if heun_start:
             # PNDM's first step: an Euler predictor corrected with the slope at its end
@@ -196,6 +219,10 @@ def _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start: bool):
                 return x + (d + d_2) / 2 * (sigma_next - sigma)
 
             x_ab = jax.lax.cond((i == 0) & (sigma_next > 0), heun, lambda: x_ab)
+        if denoise_to_zero:
+            # ComfyUI's iPNDM: the step to sigma = 0 returns the denoiser's x0, not an
+            # extrapolation of the slopes to 0.
+            x_ab = jnp.where(sigma_next == 0, x0_pred, x_ab)
         return x_ab, ds
 
     history = jnp.zeros((4,) + x.shape, x.dtype)
@@ -205,12 +232,26 @@ def _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start: bool):
 def sample_plms(denoise, x_init, sigmas, key=None, *, callback=None):
     """PNDM's PLMS (diffusers PNDMScheduler with skip_prk_steps): a Heun first step, then
     Adams-Bashforth 2, 3, 4 with constant weights. steps + 1 evaluations."""
-    return _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start=True)
+    return _pseudo_multistep(denoise, x_init, sigmas, callback, _ab_fixed, heun_start=True, denoise_to_zero=False)
 
 
 def sample_ipndm(denoise, x_init, sigmas, key=None, *, callback=None):
-    """iPNDM (ComfyUI's sample_ipndm): Euler first step, then Adams-Bashforth 2, 3, 4."""
-    return _pseudo_multistep(denoise, x_init, sigmas, callback, heun_start=False)
+    """iPNDM (ComfyUI's sample_ipndm): Euler first step, then Adams-Bashforth 2, 3, 4 in sigma
+    with the constant (uniform-step) weights; the step to sigma = 0 returns x0_pred.
+
+    The constant weights are exact only for uniform steps in sigma: on a schedule whose step
+    ratios vary by O(1/N) (Karras, exponential) the method converges at 2nd order, whatever
+    its nominal 4th (tests/test_sampler_order.py measures both).
+    """
+    return _pseudo_multistep(denoise, x_init, sigmas, callback, _ab_fixed, heun_start=False, denoise_to_zero=True)
+
+
+def sample_ipndm_v(denoise, x_init, sigmas, key=None, *, callback=None):
+    """iPNDM-v: iPNDM with the exact variable-step Adams-Bashforth weights (`_ab_variable`,
+    see there how it differs from ComfyUI's `sample_ipndm_v`); Euler first step, then orders
+    2, 3, 4, and the step to sigma = 0 returns x0_pred. It equals `sample_lms` except for that
+    last step (LMS extrapolates its slopes to 0), and `sample_ipndm` on uniform steps."""
+    return _pseudo_multistep(denoise, x_init, sigmas, callback, _ab_variable, heun_start=False, denoise_to_zero=True)
 
 
 def _unipc_b(hh, order: int, solver_type: str):
