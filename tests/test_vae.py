@@ -218,8 +218,10 @@ def test_jit_split_merge_matches_eager():
     mean_e, logvar_e = model.encode(x)
     np.testing.assert_allclose(np.asarray(mean), np.asarray(mean_e), atol=1e-5)
     np.testing.assert_allclose(np.asarray(logvar), np.asarray(logvar_e), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dec), np.asarray(model.decode(mean_e)), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(dec), atol=1e-5)
+    # The decoder's convolutions and group norms sum in a different order under jit:
+    # 7.7e-6 apart on jax 0.10.2, 1.3e-5 on jax 0.8.1 (float32).
+    np.testing.assert_allclose(np.asarray(dec), np.asarray(model.decode(mean_e)), atol=5e-5)
+    np.testing.assert_allclose(np.asarray(model(x)), np.asarray(dec), atol=5e-5)
 
 
 def test_sample_posterior_statistics(key):
