@@ -10,14 +10,17 @@ import pytest
 jax.config.update("jax_num_cpu_devices", 8)
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT.parent / "shared" / "reference"))
+# The repository carries them (reference/README.md); SDJAX_REFERENCE may point elsewhere.
+REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT / "reference"))
 
 
 def reference(name: str) -> Path:
-    """Path of a reference checkpoint folder (configs + tokenizer), or skip with a reason."""
+    """Path of a reference checkpoint folder (configs + tokenizer). A missing one is an error,
+    never a skip: the repository ships them, so a skip would only hide a broken checkout."""
     path = REFERENCE / name
     if not path.is_dir():
-        pytest.skip(f"reference configs not found at {path} (set SDJAX_REFERENCE)")
+        raise FileNotFoundError(f"reference configs not found at {path} (see reference/README.md; "
+                                "SDJAX_REFERENCE overrides the folder)")
     return path
 
 
