@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdjax import runtime
+
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
 
@@ -150,6 +152,7 @@ def main() -> None:
     m.add_argument("--models", default="sd15,sd21")
     m.add_argument("--activations", action="store_true")
     args = p.parse_args()
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     bench_time(args) if args.what == "time" else bench_memory(args)
 
 

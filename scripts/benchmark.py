@@ -11,7 +11,9 @@ docstring for what each section measures and `--help` for the flags.
 
 import sys
 
+from sdjax import runtime
 from sdjax.bench import main
 
 if __name__ == "__main__":
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     sys.exit(main())

@@ -6,7 +6,11 @@ from pathlib import Path
 import jax
 import pytest
 
-# Must happen before JAX is first used.
+from sdjax import runtime
+
+# Must happen before JAX is first used. The suite is an entry point like the CLI: it selects
+# sdjax's XLA flags itself (import sdjax does not), so tests run what users run.
+runtime.configure()
 jax.config.update("jax_num_cpu_devices", 8)
 
 ROOT = Path(__file__).resolve().parents[1]
