@@ -349,10 +349,23 @@ def _info(args) -> int:
     return 0
 
 
+def _quiet_third_party() -> None:
+    """Keep third-party notices off a CLI user's terminal. sdjax uses transformers only for the
+    CLIP tokenizer, yet importing it without PyTorch (the README's install) prints "PyTorch was
+    not found. Models won't be available..." on every run. A TRANSFORMERS_VERBOSITY the user
+    set wins; errors still show."""
+    if "TRANSFORMERS_VERBOSITY" in os.environ:
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
+    if "transformers" in sys.modules:  # main() called from a program that already imported it
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
     args = _parser().parse_args(argv)
     runtime.configure()  # XLA flags, before JAX starts; each command enables the cache itself
+    _quiet_third_party()
     try:
         if args.command == "convert":
             return run_convert(args)
