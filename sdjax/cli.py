@@ -28,16 +28,12 @@ from pathlib import Path
 from sdjax import runtime
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
-from sdjax.errors import SdjaxError
+from sdjax.errors import SdjaxError, UsageError
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
                 mask_blur=4, masked_content="original", padding=32)
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
-
-
-class UsageError(SdjaxError, ValueError):
-    """Bad command-line input."""
 
 
 def _parser() -> argparse.ArgumentParser:
