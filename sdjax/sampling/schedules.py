@@ -197,7 +197,7 @@ class DiscreteModel:
         t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, log_sigmas.shape[0] - 1)
         low = jnp.floor(t).astype(jnp.int32)
         high = jnp.ceil(t).astype(jnp.int32)
-        w = t - low
+        w = t - jnp.floor(t)
         return jnp.exp((1.0 - w) * log_sigmas[low] + w * log_sigmas[high])
 
 
