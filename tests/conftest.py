@@ -1,4 +1,5 @@
-"""Shared test setup: 8 simulated CPU devices, a key fixture, the reference configs."""
+"""Shared test setup: sdjax's runtime settings, 8 simulated CPU devices, strict dtype promotion,
+a key fixture, the reference configs."""
 
 import os
 from pathlib import Path
@@ -12,6 +13,8 @@ from sdjax import runtime
 # sdjax's XLA flags itself (import sdjax does not), so tests run what users run.
 runtime.configure()
 jax.config.update("jax_num_cpu_devices", 8)
+# No implicit promotion between ints and floats or between float widths: casts are written out.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 ROOT = Path(__file__).resolve().parents[1]
 # The repository carries them (reference/README.md); SDJAX_REFERENCE may point elsewhere.
