@@ -1,7 +1,7 @@
 """Per-image time against device count, and the memory arithmetic of replication vs FSDP.
 
     python scripts/bench_devices.py time [--model FOLDER] [--batch 8] [--devices 1,2,4,8]
-    python scripts/bench_devices.py memory [--reference /work/shared/reference] [--activations]
+    python scripts/bench_devices.py memory [--reference reference/] [--activations]
 
 `time` runs on simulated CPU devices (jax_num_cpu_devices): every "device" is a slice of the
 same CPU, so this measures the cost of sharding (padding, placement, partitioned programs),
@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from sdjax import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
@@ -145,10 +148,11 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=3)
     t.add_argument("--devices", default="1,2,4,8")
     m = sub.add_parser("memory")
-    m.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference"))
+    m.add_argument("--reference", default=os.environ.get("SDJAX_REFERENCE", str(ROOT / "reference")))
     m.add_argument("--models", default="sd15,sd21")
     m.add_argument("--activations", action="store_true")
     args = p.parse_args()
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     bench_time(args) if args.what == "time" else bench_memory(args)
 
 

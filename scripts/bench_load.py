@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from sdjax import runtime
+
 SD15_UNET = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
     "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
@@ -125,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--repeats", type=int, default=2, help="timings are the best of this many runs")
     args = ap.parse_args(argv)
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     config = TINY_UNET if args.quick else SD15_UNET
 
     tmp = None

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from sdjax import runtime
+
 UNET = {"sample_size": 16, "in_channels": 4, "out_channels": 4,
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
@@ -133,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, help="timed steps per side (default 10; 3 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     import jax
     import torch
 

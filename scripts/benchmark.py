@@ -12,7 +12,10 @@ docstring for what each section measures and `--help` for the flags.
 
 import sys
 
+from sdjax import runtime
+
 if __name__ == "__main__":
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     if any(a == "--device" or a.startswith("--device=") for a in sys.argv[1:]):
         # The accelerator benchmark (issue #23's table): scripts/bench_gpu.py.
         sys.path.insert(0, __import__("os").path.dirname(__file__))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdjax import runtime
 from sdjax.data.analysis import evaluate, evaluation_prompts, format_report, parse_caption
 from sdjax.data.synthetic import DEFAULT_CONFIG, SyntheticConfig
 
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-dir", help="also write the generated images + metadata.jsonl here")
     parser.add_argument("--json", help="write the report as JSON to this file")
     args = parser.parse_args(argv)
+    runtime.configure()  # process-wide XLA settings, before JAX starts
 
     config = SyntheticConfig(resolution=args.resolution, two_shape_prob=args.two_shape_prob,
                              two_shape_positions=args.two_shape_prob > 0)

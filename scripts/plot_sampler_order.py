@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sdjax import runtime  # noqa: E402
 from sdjax.sampling.analytic import Gaussian, GaussianMixture, convergence, measured_order  # noqa: E402
 from sdjax.sampling.samplers import DETERMINISTIC_SAMPLERS  # noqa: E402
 
@@ -25,6 +26,7 @@ def main(argv=None):
     parser.add_argument("--samplers", default=",".join(DETERMINISTIC_SAMPLERS), help="comma-separated names")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
+    runtime.configure()  # process-wide XLA settings, before JAX starts
     steps = [int(s) for s in args.steps.split(",")]
     names = [s for s in args.samplers.split(",") if s]
 

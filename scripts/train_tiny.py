@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdjax import runtime
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--export-now", action="store_true",
                    help="stop early: export the UNet stage's latest checkpoint instead of training on")
     args = p.parse_args(argv)
+    runtime.configure()  # process-wide XLA settings, before JAX starts
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,14 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import BatchError, SdjaxError
 from sdjax.images import append_jsonl, make_grid, read_infotext, read_jsonl, save_png
 
 MANIFEST = "manifest.jsonl"
-
-
-class BatchError(SdjaxError, ValueError):
-    """A malformed prompts file or an unusable output folder."""
 
 
 @dataclass

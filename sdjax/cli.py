@@ -13,7 +13,8 @@
 
 Errors in the input (sizes, strength, sampler names, model path, output folder) print one
 line on stderr and exit with status 2; nothing is written. JAX's persistent compilation
-cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax.
+cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax
+(`sdjax.runtime`).
 """
 
 from __future__ import annotations
@@ -24,39 +25,16 @@ import random
 import sys
 from pathlib import Path
 
+from sdjax import runtime
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
-from sdjax.errors import SdjaxError
+from sdjax.errors import SdjaxError, UsageError
 from sdjax.models.kernels import ATTENTION, CONV
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
                 mask_blur=4, masked_content="original", padding=32)
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
-
-
-class UsageError(SdjaxError, ValueError):
-    """Bad command-line input."""
-
-
-def cache_dir() -> Path:
-    """Where the CLI keeps JAX's persistent compilation cache."""
-    if os.environ.get("SDJAX_CACHE_DIR"):
-        return Path(os.environ["SDJAX_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sdjax" / "jax"
-
-
-def _enable_compilation_cache() -> None:
-    import jax
-
-    try:
-        path = cache_dir()
-        path.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    except OSError:
-        pass  # an unwritable cache only costs time
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,7 +260,7 @@ def _run(args) -> int:
 
     entries = batch.read_prompts_file(o["prompts_file"]) if o.get("prompts_file") else [(0, {"prompt": o["prompt"]})]
     device_kw = _device_kwargs(o)
-    _enable_compilation_cache()
+    runtime.configure(compilation_cache=runtime.default_cache_dir())
     host, hosts = start_distributed(o)
     if hosts > 1 and single_file:
         raise UsageError("a multi-host run writes a folder: --out must not be a .png file")
@@ -372,9 +350,23 @@ def _info(args) -> int:
     return 0
 
 
+def _quiet_third_party() -> None:
+    """Keep third-party notices off a CLI user's terminal. sdjax uses transformers only for the
+    CLIP tokenizer, yet importing it without PyTorch (the README's install) prints "PyTorch was
+    not found. Models won't be available..." on every run. A TRANSFORMERS_VERBOSITY the user
+    set wins; errors still show."""
+    if "TRANSFORMERS_VERBOSITY" in os.environ:
+        return
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read when transformers is first imported
+    if "transformers" in sys.modules:  # main() called from a program that already imported it
+        sys.modules["transformers"].logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
     args = _parser().parse_args(argv)
+    runtime.configure()  # XLA flags, before JAX starts; each command enables the cache itself
+    _quiet_third_party()
     try:
         if args.command == "convert":
             return run_convert(args)

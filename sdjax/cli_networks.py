@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdjax.errors import SdjaxError
-
-
-class NetworkUsageError(SdjaxError, ValueError):
-    """Bad LoRA / embedding / ControlNet / convert command-line input."""
+from sdjax.errors import NetworkUsageError, SdjaxError
 
 
 def add_network_arguments(s: argparse.ArgumentParser) -> None:

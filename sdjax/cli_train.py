@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from sdjax import runtime
 from sdjax.errors import ConfigError
 
 
@@ -78,10 +79,9 @@ def run_train(args) -> int:
         raise ConfigError(f"output_dir {cfg.output_dir} already has checkpoints (steps {', '.join(existing)}); "
                           "resume with --resume, or choose a new output_dir")
 
-    from sdjax.cli import _enable_compilation_cache
     from sdjax.train.trainer import train
 
-    _enable_compilation_cache()
+    runtime.configure(compilation_cache=runtime.default_cache_dir())
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     kind = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tune"

@@ -19,3 +19,40 @@ class UnsafePickleError(CheckpointError):
 
 class KernelError(SdjaxError, ValueError):
     """An attention or conv implementation that does not exist or cannot run on this backend."""
+
+
+class UsageError(SdjaxError, ValueError):
+    """Bad command-line input."""
+
+
+class NetworkUsageError(SdjaxError, ValueError):
+    """Bad LoRA / embedding / ControlNet / convert command-line input."""
+
+
+class TaskError(SdjaxError, ValueError):
+    """Bad img2img / inpainting / outpainting input (sizes, strength, masks, modes)."""
+
+
+class PromptError(SdjaxError, ValueError):
+    """A prompt uses A1111 syntax with a value that cannot be read (e.g. `(a:1..2)`)."""
+
+
+class UnknownNameError(SdjaxError, ValueError):
+    """A sampler or schedule name sdjax does not know, or a name whose baked-in schedule
+    contradicts the schedule given beside it. The message lists the valid names."""
+
+
+class ImageError(SdjaxError, OSError):
+    """An image or output file cannot be read or written; the message names the file."""
+
+
+class InfotextError(SdjaxError, ValueError):
+    """A parameter cannot be written so that A1111 reads it back (e.g. a key with a comma)."""
+
+
+class BatchError(SdjaxError, ValueError):
+    """A malformed prompts file or an unusable output folder."""
+
+
+class DatasetError(SdjaxError, ValueError):
+    """A dataset folder or file is missing, incomplete or unreadable; the message names the file."""

@@ -21,7 +21,7 @@ from typing import IO, Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import ImageError
 
 __all__ = [
     "ImageError",
@@ -38,10 +38,6 @@ __all__ = [
 ]
 
 INFOTEXT_KEY = "parameters"  # the PNG text chunk A1111 reads and writes
-
-
-class ImageError(SdjaxError, OSError):
-    """An image or output file cannot be read or written; the message names the file."""
 
 
 def _fsync_dir(folder: Path) -> None:

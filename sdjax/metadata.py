@@ -25,7 +25,7 @@ import re
 from typing import Any, Mapping
 
 from sdjax import __version__
-from sdjax.errors import SdjaxError
+from sdjax.errors import InfotextError
 
 __all__ = [
     "A1111_KEY_ORDER",
@@ -78,10 +78,6 @@ _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _KEY = re.compile(r"\w[\w \-/]*\w")
 _IMAGE_SIZE = re.compile(r"^(\d+)x(\d+)$")
 _NEGATIVE = "Negative prompt:"
-
-
-class InfotextError(SdjaxError, ValueError):
-    """A parameter cannot be written so that A1111 reads it back (e.g. a key with a comma)."""
 
 
 def quote(value: Any) -> str:

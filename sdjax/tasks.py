@@ -19,13 +19,9 @@ import os
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import TaskError
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # A1111 inpainting_fill 0..3
-
-
-class TaskError(SdjaxError, ValueError):
-    """Bad img2img / inpainting / outpainting input (sizes, strength, masks, modes)."""
 
 
 def to_pil_rgb(image) -> Image.Image:

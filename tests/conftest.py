@@ -1,4 +1,5 @@
-"""Shared test setup: 8 simulated CPU devices, a key fixture, the reference configs."""
+"""Shared test setup: sdjax's runtime settings, 8 simulated CPU devices, strict dtype promotion,
+a key fixture, the reference configs."""
 
 import os
 from pathlib import Path
@@ -6,18 +7,27 @@ from pathlib import Path
 import jax
 import pytest
 
-# Must happen before JAX is first used.
+from sdjax import runtime
+
+# Must happen before JAX is first used. The suite is an entry point like the CLI: it selects
+# sdjax's XLA flags itself (import sdjax does not), so tests run what users run.
+runtime.configure()
 jax.config.update("jax_num_cpu_devices", 8)
+# No implicit promotion between ints and floats or between float widths: casts are written out.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT.parent / "shared" / "reference"))
+# The repository carries them (reference/README.md); SDJAX_REFERENCE may point elsewhere.
+REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT / "reference"))
 
 
 def reference(name: str) -> Path:
-    """Path of a reference checkpoint folder (configs + tokenizer), or skip with a reason."""
+    """Path of a reference checkpoint folder (configs + tokenizer). A missing one is an error,
+    never a skip: the repository ships them, so a skip would only hide a broken checkout."""
     path = REFERENCE / name
     if not path.is_dir():
-        pytest.skip(f"reference configs not found at {path} (set SDJAX_REFERENCE)")
+        raise FileNotFoundError(f"reference configs not found at {path} (see reference/README.md; "
+                                "SDJAX_REFERENCE overrides the folder)")
     return path
 
 

@@ -33,14 +33,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sdjax.data.synthetic import DEFAULT_CONFIG, SPLITS, SyntheticConfig, sample
-from sdjax.errors import SdjaxError
+from sdjax.errors import DatasetError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DROPOUT_STREAM = 7_919  # separates the dropout draws from the permutation draws
-
-
-class DatasetError(SdjaxError, ValueError):
-    """A dataset folder or file is missing, incomplete or unreadable; the message names the file."""
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -19,13 +19,9 @@ from __future__ import annotations
 
 import re
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import PromptError
 
 __all__ = ["parse_prompt_attention", "PromptError", "BREAK", "ROUND_MULTIPLIER", "SQUARE_MULTIPLIER"]
-
-
-class PromptError(SdjaxError, ValueError):
-    """A prompt uses A1111 syntax with a value that cannot be read (e.g. `(a:1..2)`)."""
 
 
 BREAK = ("BREAK", -1.0)

@@ -15,12 +15,7 @@ from __future__ import annotations
 
 import re
 
-from sdjax.errors import SdjaxError
-
-
-class UnknownNameError(SdjaxError, ValueError):
-    """A sampler or schedule name sdjax does not know, or a name whose baked-in schedule
-    contradicts the schedule given beside it. The message lists the valid names."""
+from sdjax.errors import UnknownNameError
 
 
 # Canonical sampler ids: one per code path in sdjax.sampling.samplers.

@@ -42,7 +42,7 @@ def _lms_coeffs(sigmas, i, order: int):
     t_i, t_next = sigmas[i], sigmas[i + 1]
     k = jnp.arange(order)
     # Nodes before the start do not exist yet; distinct stand-ins keep the unused orders finite.
-    nodes = jnp.where(k <= i, sigmas[jnp.maximum(i - k, 0)], t_i + 1.0 + k)
+    nodes = jnp.where(k <= i, sigmas[jnp.maximum(i - k, 0)], t_i + 1.0 + k.astype(sigmas.dtype))
     half = (t_next - t_i) / 2
     taus = t_i + half * (jnp.asarray(_GL_NODES, sigmas.dtype) + 1)
     weights = jnp.asarray(_GL_WEIGHTS, sigmas.dtype) * half

@@ -188,6 +188,7 @@ class DiscreteModel:
         low = jnp.clip(jnp.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, n - 2)
         lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = jnp.clip((lo - log_sigma) / (lo - hi), 0.0, 1.0)
+        low = low.astype(jnp.float32)  # an index, weighted as a float (strict dtype promotion)
         return ((1.0 - w) * low + w * (low + 1)).astype(jnp.float32)
 
     def t_to_sigma(self, t):
@@ -196,7 +197,7 @@ class DiscreteModel:
         t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, log_sigmas.shape[0] - 1)
         low = jnp.floor(t).astype(jnp.int32)
         high = jnp.ceil(t).astype(jnp.int32)
-        w = t - low
+        w = t - jnp.floor(t)
         return jnp.exp((1.0 - w) * log_sigmas[low] + w * log_sigmas[high])
 
 

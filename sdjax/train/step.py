@@ -106,7 +106,10 @@ def make_train_step(
             accumulate, (jnp.zeros((), jnp.float32), zeros), (batch["images"], batch["input_ids"], keys))
         n = batch["images"].shape[0]
         grads = jax.tree.map(lambda g: g / n, grad_sum)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        # optax is not strict-promotion clean (Adam's bias correction takes decay ** an int32
+        # count): its update runs under standard promotion, the rest of the step stays strict.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1,
                      "ema": state["ema"]}
