@@ -298,6 +298,8 @@ def _run(args) -> int:
         o["seed"] = random.randrange(2**32 - 1 - 10**6)
     command = args.command
     _validate(o, command)
+    defaults = _generate_kwargs(o, command)  # network flags checked here, before any output check
+    defaults.pop("prompt", None)
     out = Path(o["out"])
     if out.suffix.lower() in _OTHER_IMAGE_SUFFIXES:
         raise UsageError(f"--out {os.fspath(out)}: sdjax writes PNG files (the parameters live in PNG text); "
@@ -324,8 +326,6 @@ def _run(args) -> int:
     from sdjax.generate import _model_hash
 
     pipe = sdjax.load_pipeline(model, o["dtype"])
-    defaults = _generate_kwargs(o, command)
-    defaults.pop("prompt", None)
     defaults.update(device_kw)
     defaults["limits"] = limits
     identity = f"{_model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"

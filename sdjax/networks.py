@@ -128,7 +128,7 @@ def _read_embeddings(pipe, paths: Sequence[Path], required: bool) -> list[tuple[
     cache = _cache(pipe, "_sdjax_embedding_cache")
     out = []
     for path in paths:
-        key = (str(path.resolve()), path.stat().st_mtime_ns, lora_strict)
+        key = (str(path.resolve()), path.stat().st_mtime_ns)
         if key not in cache:
             try:
                 cache[key] = emb_lib.read_embedding(path, hidden_size=width)
