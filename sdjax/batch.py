@@ -4,10 +4,18 @@ A prompts file holds one prompt per line, or JSON objects (JSONL) with per-line 
 (`{"prompt": ..., "negative_prompt": ..., "seed": ..., "steps": ..., ...}`, any keyword of
 `Pipeline.generate`). Blank lines and lines starting with `#` are skipped.
 
-Every image is written atomically (`images.save_png`) as `NNNNN-SEED.png` in the output
-folder, and a line is appended to `manifest.jsonl` after it. A rerun skips images whose
-file exists and reads back (a crash between the PNG and its manifest line is repaired by
-re-adding the line), so an interrupted run, rerun, ends with each image exactly once.
+Every image is written atomically and exclusively (`images.save_png(exclusive=True)`: an
+existing file is never replaced) as `NNNNN-SEED-KEY.png` in the output folder, where KEY is
+`request_key`: a hash of everything that makes the image (model identity, prompt, negative
+prompt, sampler, schedule, steps, CFG, size, seed, strength, networks, init image file...).
+Two different requests therefore never share a file name, whichever runs write into the
+folder at once; a rerun reuses an existing image only when its request is identical (same
+name), and a changed request makes a new file. A line is appended to `manifest.jsonl` after
+each image, under a file lock and only if that file has no record yet, so concurrent runs
+(even identical ones) leave one record per file. A rerun skips images whose file exists and
+reads back (a crash between the PNG and its manifest line is repaired by re-adding the
+line), so an interrupted run, rerun, ends with each image exactly once. A SIGINT / SIGTERM
+is held while an image and its record are written (`sdjax.interrupt.critical`).
 
 Many hosts: `host_share(jobs, index, count)` gives host `index` of `count` a contiguous block
 of the run's images in their global order (host h: images [h*N//count, (h+1)*N//count)), so
@@ -19,6 +27,7 @@ them and, as above, skips the images already written by any host.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -66,21 +75,55 @@ def read_prompts_file(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]
     return out
 
 
-def plan(entries, defaults: dict[str, Any], batch_count: int = 1) -> list[Job]:
+# Options that do not change an image (where it runs, how progress is shown, limits).
+_NOT_IN_KEY = ("batch_size", "batch_count", "devices", "fsdp", "mesh", "progress", "limits")
+
+
+def _file_identity(value: Any) -> Any:
+    """A path option as (path, size, mtime): an edited init image or mask is a new request."""
+    if isinstance(value, (str, os.PathLike)) and Path(value).is_file():
+        st = Path(value).stat()
+        return [os.fspath(Path(value).resolve()), st.st_size, st.st_mtime_ns]
+    return value
+
+
+def request_key(options: dict[str, Any], index: int = 0, identity: str = "") -> str:
+    """12 hex digits naming image `index` of a job with `options` made by model `identity`:
+    equal exactly when everything that makes that image is equal (`seed + index`, the
+    index-th prompt of a list, ...), independent of batch size and devices."""
+    one = {k: v for k, v in options.items() if k not in _NOT_IN_KEY}
+    one["seed"] = int(options.get("seed", 0)) + index
+    if one.get("subseed") is not None:
+        one["subseed"] = int(one["subseed"]) + index
+    for k in ("prompt", "negative_prompt"):
+        if isinstance(one.get(k), (list, tuple)):
+            one[k] = list(one[k])[index]
+    for k in ("init_image", "mask", "image"):
+        if k in one:
+            one[k] = _file_identity(one[k])
+    text = json.dumps({"model": identity, "options": one}, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def plan(entries, defaults: dict[str, Any], batch_count: int = 1, identity: str = "") -> list[Job]:
     """Expand prompts into jobs: each line runs `batch_count` batches of `batch_size`.
 
     Seeds: a line without its own seed continues from the previous image's seed (A1111's
     "seed + i" across the whole run), so a rerun gives every file the same name and content.
+    identity: the model's identity (hash), part of every image's `request_key`.
     """
     jobs, index = [], 0
     next_seed = int(defaults.get("seed", 0))
     for number, line_options in entries:
         options = {**defaults, **line_options}
         size = int(options.get("batch_size", 1))
+        if size < 1:
+            raise BatchError(f"prompts line {number}: batch_size must be at least 1, got {size}")
         seed = int(line_options["seed"]) if "seed" in line_options else next_seed
         for b in range(int(options.pop("batch_count", batch_count))):
             job_options = {**options, "seed": seed + b * size}
-            names = [f"{index + i:05d}-{seed + b * size + i}.png" for i in range(size)]
+            names = [f"{index + i:05d}-{seed + b * size + i}-{request_key(job_options, i, identity)}.png"
+                     for i in range(size)]
             index += size
             jobs.append(Job(number, job_options, names))
         next_seed = seed + size * int(options.get("batch_count", batch_count))
@@ -154,6 +197,11 @@ def check_output_folder(out: Path, create: bool = True) -> None:
             raise BatchError(f"cannot create output folder {os.fspath(out)!r}: {e}") from e
 
 
+def grid_name(paths: list[Path]) -> str:
+    """grid-KEY.png: named by its images, so a grid of other images never replaces it."""
+    return f"grid-{hashlib.sha256(' '.join(p.name for p in paths).encode()).hexdigest()[:12]}.png"
+
+
 def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: bool = False,
              on_image: Callable[[str, bool], None] | None = None, manifest: str = MANIFEST) -> list[Path]:
     """Run the jobs whose images are missing; returns the paths of all images, in order.
@@ -163,18 +211,26 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
     gets one record per image: file, line, seed, prompt, infotext. Images recorded in any
     host's manifest are not recorded again.
     """
+    from sdjax.interrupt import critical
+
     check_output_folder(out)
     recorded = {r.get("file") for r in read_manifests(out)}
     manifest = out / manifest
+
+    def record(entry: dict) -> None:
+        if entry["file"] not in recorded:
+            append_jsonl(manifest, entry, unique_key="file")  # locked: once, even with concurrent runs
+            recorded.add(entry["file"])
+
     paths = []
     for job in jobs:
         targets = [out / n for n in job.names]
         done = [_complete(p) for p in targets]
         for name, p, ok in zip(job.names, targets, done):
             if ok:
-                if name not in recorded:  # killed between the PNG and its manifest line
-                    append_jsonl(manifest, {"file": name, "line": job.line, "infotext": read_infotext(p)})
-                    recorded.add(name)
+                # killed between the PNG and its manifest line, or made by a concurrent run
+                with critical():
+                    record({"file": name, "line": job.line, "infotext": read_infotext(p)})
                 if on_image:
                     on_image(name, True)
         # Only the missing images are made again: each run of consecutive missing images is
@@ -190,11 +246,14 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
             sub = job if (a, b) == (0, len(targets)) else _sub_job(job, a, b)
             result = generate(**sub.options)
             for i, name in enumerate(sub.names):
-                save_png(result.images[i], out / name, result.infotexts[i])
-                if name not in recorded:
-                    append_jsonl(manifest, {"file": name, "line": job.line, "seed": result.seeds[i],
-                                            "prompt": sub.options.get("prompt"), "infotext": result.infotexts[i]})
-                    recorded.add(name)
+                with critical():
+                    try:
+                        save_png(result.images[i], out / name, result.infotexts[i], exclusive=True)
+                        entry = {"file": name, "line": job.line, "seed": result.seeds[i],
+                                 "prompt": sub.options.get("prompt"), "infotext": result.infotexts[i]}
+                    except FileExistsError:  # the same request, finished first by a concurrent run
+                        entry = {"file": name, "line": job.line, "infotext": read_infotext(out / name)}
+                    record(entry)
                 if on_image:
                     on_image(name, False)
             a = b
@@ -202,5 +261,5 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
     if grid and paths:
         from PIL import Image
 
-        save_png(make_grid([Image.open(p) for p in paths]), out / "grid.png")
+        save_png(make_grid([Image.open(p) for p in paths]), out / grid_name(paths))
     return paths

@@ -12,7 +12,11 @@
         --num-processes 2 --process-id 0   (one process per host; each writes only its images)
 
 Errors in the input (sizes, strength, sampler names, model path, output folder) print one
-line on stderr and exit with status 2; nothing is written. JAX's persistent compilation
+line on stderr and exit with status 2; nothing is written. Every number goes through
+`sdjax.limits.check_request` (the same check `Pipeline.generate` makes), with --max-pixels,
+--max-steps and --max-batch-size to raise its limits. Existing files are never replaced
+(`--out FILE` needs --overwrite for that). SIGINT / SIGTERM stop the run after the current
+compiled call, leave no partial file, and exit with 130 / 143; a rerun resumes. JAX's persistent compilation
 cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax
 (`sdjax.runtime`).
 """
@@ -35,6 +39,7 @@ DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Auto
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
                 mask_blur=4, masked_content="original", padding=32)
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "tiny"
+_OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +73,12 @@ def _parser() -> argparse.ArgumentParser:
                             "on TPU, chunked on CPU; env SDJAX_ATTENTION)")
         s.add_argument("--conv", choices=CONV, help="convolution implementation (default auto; env SDJAX_CONV)")
         s.add_argument("--out", default="outputs", help="output folder, or a .png file for one image")
+        s.add_argument("--overwrite", action="store_true", help="let --out FILE.png replace an existing file")
+        s.add_argument("--max-pixels", type=int, help="largest width x height per image (default 4096x4096)")
+        s.add_argument("--max-steps", type=int, help="most sampling steps (default 1000)")
+        s.add_argument("--max-batch-size", type=int, help="largest batch size (default 64)")
         s.add_argument("--prompts-file", help="one prompt per line, or JSONL with per-line options")
-        s.add_argument("--grid", action="store_true", help="also write grid.png")
+        s.add_argument("--grid", action="store_true", help="also write grid-KEY.png (named by its images)")
         s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar on stderr (default: when stderr is a terminal)")
         add_parallel_flags(s)
@@ -182,19 +191,38 @@ def _options(args) -> dict:
     return opts
 
 
+def _limits(o: dict):
+    from sdjax.limits import Limits
+
+    given = {k: o[k] for k in ("max_pixels", "max_steps", "max_batch_size") if o.get(k) is not None}
+    for k, v in given.items():
+        if v < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {v}")
+    return Limits(**given)
+
+
+def _check_numbers(options: dict, limits, where: str = "") -> None:
+    """The generation layer's one check (`sdjax.limits.check_request`) on CLI / prompts-file values."""
+    from sdjax.limits import RequestError, check_request
+
+    names = ("steps", "cfg_scale", "seed", "batch_size", "width", "height", "subseed", "subseed_strength",
+             "clip_skip", "batch_count")
+    values = {k: options.get(k) for k in names}
+    if options.get("image") is not None or options.get("init_image") is not None:
+        values["strength"] = options.get("strength")
+    knobs = {k: options[k] for k in ("eta",) if options.get(k) is not None}
+    try:
+        check_request(**values, knobs=knobs, limits=limits)
+    except RequestError as e:
+        raise UsageError(f"{where}{e}") from None
+
+
 def _validate(o: dict, command: str) -> None:
     from sdjax.sampling import resolve
 
     if "prompt" not in o and not o.get("prompts_file"):
         raise UsageError("no prompt: give PROMPT, --prompt, --prompts-file or --from-png")
-    for k in ("width", "height"):
-        if o.get(k) is not None and (o[k] <= 0 or o[k] % 8):
-            raise UsageError(f"--{k} must be a positive multiple of 8, got {o[k]}")
-    if not 0.0 < o["strength"] <= 1.0:
-        raise UsageError(f"--strength must be in (0, 1], got {o['strength']}")
-    for k in ("steps", "batch_size", "batch_count", "clip_skip"):
-        if o[k] < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {o[k]}")
+    _check_numbers(o, _limits(o))
     resolve(o["sampler"], o["schedule"])
     if command == "generate" and o.get("image") is None and o["strength"] != DEFAULTS["strength"] \
             and "strength" in o.get("_explicit", ()):
@@ -253,12 +281,23 @@ def _run(args) -> int:
         o["seed"] = random.randrange(2**32 - 1 - 10**6)
     command = args.command
     _validate(o, command)
+    defaults = _generate_kwargs(o, command)  # network flags checked here, before any output check
+    defaults.pop("prompt", None)
     out = Path(o["out"])
+    if out.suffix.lower() in _OTHER_IMAGE_SUFFIXES:
+        raise UsageError(f"--out {os.fspath(out)}: sdjax writes PNG files (the parameters live in PNG text); "
+                         f"use --out {os.fspath(out.with_suffix('.png'))} or a folder")
     single_file = out.suffix.lower() == ".png" and not o.get("prompts_file")
+    if single_file and out.exists() and not o.get("overwrite"):
+        raise UsageError(f"--out {os.fspath(out)} exists; pass --overwrite to replace it, or choose another name")
     model = _model_path(o)
     batch.check_output_folder(out.parent if single_file else out, create=False)
 
     entries = batch.read_prompts_file(o["prompts_file"]) if o.get("prompts_file") else [(0, {"prompt": o["prompt"]})]
+    limits = _limits(o)
+    for number, line_options in entries:  # prompts-file lines: checked before the model loads
+        merged = {**o, **line_options}
+        _check_numbers(merged, limits, f"{o['prompts_file']} line {number}: " if o.get("prompts_file") else "")
     device_kw = _device_kwargs(o)
     runtime.configure(compilation_cache=runtime.default_cache_dir())
     host, hosts = start_distributed(o)
@@ -267,11 +306,19 @@ def _run(args) -> int:
     o["seed"] = _shared_seed(o["seed"], hosts)
     import sdjax
 
+    from sdjax.generate import _model_hash
+
     pipe = sdjax.load_pipeline(model, o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
-    defaults = _generate_kwargs(o, command)
-    defaults.pop("prompt", None)
     defaults.update(device_kw)
-    all_jobs = batch.plan(entries, defaults, o["batch_count"])
+    defaults["limits"] = limits
+    identity = f"{_model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"
+    all_jobs = batch.plan(entries, defaults, o["batch_count"], identity)
+    if single_file:
+        n = sum(len(j.names) for j in all_jobs)
+        targets = [out] if n == 1 else [out.with_name(f"{out.stem}-{i:05d}.png") for i in range(n)]
+        clash = [t for t in targets if t.exists()] if not o.get("overwrite") else []
+        if clash:
+            raise UsageError(f"{os.fspath(clash[0])} exists; pass --overwrite to replace it, or choose another --out")
     jobs = batch.host_share(all_jobs, host, hosts)  # this host's images only
     show = o["progress"] if o.get("progress") is not None else sys.stderr.isatty()
     bar = None
@@ -296,9 +343,12 @@ def _run(args) -> int:
             for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
                 from sdjax.images import save_png
 
-                target = out if len(jobs) * len(result.images) == 1 else out.with_name(
-                    f"{out.stem}-{len(paths):05d}.png")
-                paths.append(save_png(image, target, info))
+                target = targets[len(paths)]
+                try:
+                    paths.append(save_png(image, target, info, exclusive=not o.get("overwrite")))
+                except FileExistsError:
+                    raise UsageError(f"{os.fspath(target)} appeared while generating; pass --overwrite to "
+                                     "replace it, or choose another --out") from None
                 if bar is not None:
                     bar.update(1)
     else:
@@ -315,7 +365,7 @@ def _run(args) -> int:
 
 
 def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
-    """Wait for every host; then process 0 writes grid.png when all images are visible to it."""
+    """Wait for every host; then process 0 writes the grid when all images are visible to it."""
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("sdjax generate done")
@@ -324,9 +374,11 @@ def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
 
         from sdjax.images import make_grid, save_png
 
+        from sdjax.batch import grid_name
+
         paths = [out / n for job in all_jobs for n in job.names]
         if all(p.exists() for p in paths):  # else the folder is not shared between hosts
-            save_png(make_grid([Image.open(p) for p in paths]), out / "grid.png")
+            save_png(make_grid([Image.open(p) for p in paths]), out / grid_name(paths))
 
 
 def _step_bar(bar, kw):
@@ -341,12 +393,12 @@ def _step_bar(bar, kw):
 
 
 def _info(args) -> int:
-    from sdjax.images import read_infotext
+    from sdjax.images import escape_control, read_infotext
 
     text = read_infotext(args.image)
     if text is None:
         raise UsageError(f"{args.image} has no generation parameters")
-    print(text)
+    print(escape_control(text))  # a PNG's text must not drive the terminal
     return 0
 
 
@@ -364,18 +416,24 @@ def _quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
+    from sdjax.interrupt import Interrupted, handle_signals
+
     args = _parser().parse_args(argv)
     runtime.configure()  # XLA flags, before JAX starts; each command enables the cache itself
     _quiet_third_party()
     try:
-        if args.command == "convert":
-            return run_convert(args)
-        if args.command == "train":
-            return run_train(args)
-        return _info(args) if args.command == "info" else _run(args)
+        with handle_signals():
+            if args.command == "convert":
+                return run_convert(args)
+            if args.command == "train":
+                return run_train(args)
+            return _info(args) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"sdjax: interrupted (signal {e.signum}); rerun the same command to resume", file=sys.stderr)
+        return e.exit_status
     except KeyboardInterrupt:
         return 130
 

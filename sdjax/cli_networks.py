@@ -62,6 +62,10 @@ def network_kwargs(o: dict) -> dict:
     if o.get("lora_dir"):
         kw["lora_dir"] = o["lora_dir"]
     if o.get("lora"):
+        from sdjax.networks import parse_lora_arg
+
+        for item in o["lora"]:
+            parse_lora_arg(item)  # a bad multiplier is refused before the model loads
         kw["loras"] = list(o["lora"])
     if o.get("lora_nonstrict"):
         kw["lora_strict"] = False

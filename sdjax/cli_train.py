@@ -10,13 +10,16 @@ comments). `--override KEY=VALUE` replaces one; VALUE is read as JSON when it pa
 checkpoint in output_dir/checkpoints (the default, --resume); with --no-resume an
 output_dir that already holds checkpoints is an error rather than silently continued
 (or overwritten). Config errors print one line and exit with status 2 before anything is
-loaded. At the end the exported model folder (or LoRA file) is printed on stdout.
+loaded. At the end the exported model folder (or LoRA file) is printed on stdout. A run that
+fails before its first checkpoint removes the output_dir it created; a NaN / inf loss stops
+the run keeping the last good checkpoint (exit 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -86,7 +89,13 @@ def run_train(args) -> int:
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     kind = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tune"
     log(f"sdjax train: {kind} of {cfg.model} on {cfg.data}, {cfg.max_steps} steps -> {cfg.output_dir}")
-    trainer = train(cfg, log=log, progress=show, export_dtype=args.export_dtype)
+    fresh = not Path(cfg.output_dir).exists()
+    try:
+        trainer = train(cfg, log=log, progress=show, export_dtype=args.export_dtype)
+    except BaseException:
+        if fresh and not any((Path(cfg.output_dir) / "checkpoints").glob("[0-9]*")):
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a run that made nothing leaves nothing
+        raise
     records = trainer.metrics.read()
     if records:
         log(f"step {records[-1]['step']}: loss {records[-1]['loss']:.5f}")

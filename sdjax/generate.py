@@ -10,6 +10,7 @@ steps - t_enc - 1 from init_latents + noise * that sigma. strength is traced (no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ from PIL import Image
 
 from sdjax import generation, metadata, networks, prompts, sampling, tasks
 from sdjax.images import to_pil
+from sdjax.limits import Limits, check_request
 from sdjax.tasks import TaskError
 
 # Sampler knobs that choose code paths: static in the compiled function.
@@ -106,8 +108,7 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
 
 def img2img_start(strength: float, steps: int) -> int:
     """A1111's first sigma index for `strength` (0, 1]: steps - int(min(strength, 0.999) * steps) - 1."""
-    if not 0.0 < float(strength) <= 1.0:
-        raise TaskError(f"strength must be in (0, 1], got {strength}")
+    check_request(strength=strength)
     t_enc = int(min(float(strength), 0.999) * steps)
     return max(steps - t_enc - 1, 0)
 
@@ -136,9 +137,48 @@ def _placed(pipe, inputs: dict, b: int, devices, fsdp, mesh, unet_state=None) ->
     return (*cached[3], parallel.shard_batch(inputs, mesh, b, unbatched=_UNBATCHED))
 
 
-def _check_size(width: int, height: int) -> None:
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise TaskError(f"width and height must be positive multiples of 8, got {width}x{height}")
+class NonFiniteError(TaskError):
+    """Sampling or the VAE decode produced NaN / inf values."""
+
+
+@functools.lru_cache(maxsize=8)
+def _float32_decoder(vae_config, scaling_factor: float):
+    """(graphdef, jit(decode(state, latents) -> images in [-1, 1])) of a float32 copy of the VAE."""
+    from flax import nnx
+
+    from sdjax.models.vae import AutoencoderKL
+    from sdjax.weights.diffusers import abstract_model
+
+    graphdef, _ = nnx.split(abstract_model(AutoencoderKL, vae_config, jnp.float32))
+
+    def decode(state, latents):
+        vae = nnx.merge(graphdef, state)
+        return jnp.clip(vae.decode(latents / scaling_factor).astype(jnp.float32), -1.0, 1.0)
+
+    return jax.jit(decode)
+
+
+def finite_images(pipe, latents: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """`images` (B, H, W, 3) when finite; else decoded again from `latents` (scaled, as
+    `generation.build` returns them) with a float32 copy of the VAE -- A1111's --no-half-vae
+    fallback for half-precision VAEs that overflow -- with a warning. NonFiniteError when the
+    latents themselves are not finite or the float32 decode is not finite either."""
+    if np.isfinite(images).all():
+        return images
+    if not np.isfinite(latents).all():
+        raise NonFiniteError("sampling produced NaN/inf latents (a NaN/inf weight, or a CFG scale or sampler "
+                             "that diverges); try a lower --cfg-scale, another sampler or --dtype float32")
+    state32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pipe.vae.state)
+    if any(leaf.dtype != jnp.float32 for leaf in jax.tree.leaves(pipe.vae.state)):
+        import warnings
+
+        warnings.warn("the VAE decode produced NaN/inf values; decoding again in float32 (as A1111's "
+                      "--no-half-vae)", RuntimeWarning, stacklevel=3)
+        images = np.asarray(_float32_decoder(pipe.vae.config, pipe.vae.scaling_factor)(state32, latents))
+        if np.isfinite(images).all():
+            return images
+    raise NonFiniteError("the VAE decode produced NaN/inf values even in float32: the VAE weights are broken "
+                         "(check the model file) or the latents are out of its range")
 
 
 def native_size(pipe) -> int:
@@ -187,6 +227,7 @@ def generate(
     devices: int | str | None = None,
     fsdp: int | str = 1,
     mesh: Any = None,
+    limits: Limits | None = None,
     **knobs,
 ) -> GenerationResult:
     """Generate `batch_size` images; see `Pipeline.generate` for the parameters.
@@ -199,6 +240,11 @@ def generate(
     fsdp=K (dividing the device count; "all" = every one) shards the weights over K of them
     instead of replicating them. mesh: an explicit `sdjax.parallel.make_mesh` mesh instead.
 
+    Every number is checked once by `sdjax.limits.check_request` (limits: `sdjax.limits.Limits`,
+    the defaults when None): seeds in [0, 2**32 - 1], finite CFG, steps and size within limits.
+    Decoded images are checked for NaN / inf: a non-float32 VAE decodes again in float32 once
+    (A1111's --no-half-vae fallback, with a warning), else `NonFiniteError`.
+
     Returns GenerationResult(images, latents (B, H/8, W/8, C) scaled, infotexts, seeds).
     Raises TaskError / UnknownNameError (both `SdjaxError`) for bad input.
     """
@@ -209,8 +255,10 @@ def generate(
             mesh = parallel.device_mesh(devices, fsdp)
         except ValueError as e:
             raise TaskError(str(e)) from None
-    if not isinstance(steps, int) or steps < 1:
-        raise TaskError(f"steps must be a positive integer, got {steps!r}")
+    check_request(steps=steps if sigmas is None else None, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
+                  width=width, height=height, strength=strength if init_image is not None else None,
+                  subseed=subseed, subseed_strength=subseed_strength, clip_skip=clip_skip, knobs=knobs,
+                  limits=limits)
     sampler_id, schedule_id = sampling.resolve(sampler, schedule)
     model = discrete_model(pipe)
     bad = sorted(set(knobs) - {"eta", "s_noise", "s_churn", "s_tmin", "s_tmax", "r", *_STATIC_KNOBS})
@@ -227,7 +275,7 @@ def generate(
         height = init_pil.height if height is None else height
     native = native_size(pipe)
     width, height = width or native, height or native
-    _check_size(width, height)
+    check_request(width=width, height=height, limits=limits)
     if init_pil is None and mask is not None:
         raise TaskError("a mask needs an init image")
     task = "txt2img" if init_pil is None else ("img2img" if mask is None else "inpaint")
@@ -235,6 +283,7 @@ def generate(
 
     if batch_size is None:  # diffusers: a list of prompts is a batch of that many images
         batch_size = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+    check_request(batch_size=batch_size, seed=seed, subseed=subseed, limits=limits)
     b = int(batch_size)
     prompt_list = _as_list(prompt, b, "prompt")
     negative_list = _as_list(negative_prompt, b, "negative_prompt")
@@ -306,6 +355,7 @@ def generate(
         latents = np.asarray(latents)[:b]  # padded rows of a sharded batch dropped
         images = np.asarray(images)[:b]
         jax.effects_barrier()
+    images = finite_images(pipe, latents, images)
     pil = to_pil(images)
     if job is not None:
         pil = [tasks.paste_back(im, job) for im in pil]

@@ -6,7 +6,12 @@ writes them, or one int for a square.
 
 Every file this module writes appears whole or not at all: it is written to a
 temporary file in the same folder, flushed, fsynced and renamed over the target
-(`os.replace`), so a crash or error never leaves a truncated output behind.
+(`os.replace`), so a crash or error never leaves a truncated output behind. With
+`exclusive=True` the temporary file is hard-linked to the target instead, which fails
+when the target exists: an existing file is never replaced (`FileExistsError`). Files
+get the permissions the umask gives a new file (0644 under the usual 022), not mkstemp's 0600.
+JSONL records are appended under an exclusive `fcntl.flock`, so concurrent writers never
+interleave or duplicate records (`append_jsonl(..., unique_key=...)`).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Sequence
@@ -28,6 +34,8 @@ __all__ = [
     "INFOTEXT_KEY",
     "append_jsonl",
     "atomic_write_text",
+    "escape_control",
+    "to_rgb",
     "load_image",
     "load_mask",
     "make_grid",
@@ -54,8 +62,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Run `write(binary_file)` on a temp file next to `path`, then rename it onto `path`."""
+def _umask_mode() -> int:
+    """The mode a new regular file gets under the current umask (0o666 & ~umask)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], exclusive: bool = False) -> Path:
+    """Run `write(binary_file)` on a temp file next to `path`, then rename it onto `path`
+    (exclusive: hard-link it there, FileExistsError if `path` exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -63,8 +79,16 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
+            try:
+                os.fchmod(f.fileno(), _umask_mode())
+            except (AttributeError, OSError):
+                pass  # no fchmod (Windows): mkstemp's mode stays
             os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        if exclusive:
+            os.link(tmp_name, path)  # atomic create-if-absent, the file already whole
+            os.unlink(tmp_name)
+        else:
+            os.replace(tmp_name, path)
     except BaseException:
         try:
             os.unlink(tmp_name)
@@ -75,11 +99,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None = None) -> Path:
+def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None = None, *,
+             exclusive: bool = False) -> Path:
     """Write `image` as PNG at `path` atomically, with `infotext` in a `parameters` text chunk.
 
     Like A1111 (PIL `PngInfo.add_text`), the chunk is tEXt when the text is
     Latin-1 and iTXt (UTF-8) otherwise. Missing parent folders are created.
+    exclusive: never replace an existing file (FileExistsError, nothing written).
     Raises ImageError naming the file if it cannot be written.
     """
     pnginfo = None
@@ -87,7 +113,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None =
         pnginfo = PngImagePlugin.PngInfo()
         pnginfo.add_text(INFOTEXT_KEY, infotext)
     try:
-        return _atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo))
+        return _atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo), exclusive)
+    except FileExistsError:
+        raise
     except (OSError, ValueError, KeyError) as e:
         raise ImageError(f"cannot write PNG {os.fspath(path)!r}: {e}") from e
 
@@ -139,21 +167,48 @@ def _drop_partial_last_line(f: IO[bytes]) -> None:
     f.truncate(0)
 
 
-def append_jsonl(path: str | os.PathLike, record: Any) -> None:
-    """Append `record` as one JSON line to `path`, flushed and fsynced.
+def append_jsonl(path: str | os.PathLike, record: Any, unique_key: str | None = None) -> bool:
+    """Append `record` as one JSON line to `path`, flushed and fsynced, under an exclusive
+    `fcntl.flock` of the file (where flock exists), so concurrent writers each add whole lines.
 
     A last line left incomplete by an earlier crash is removed first, so every
-    line before the new one stays a whole record. One writer per file.
+    line before the new one stays a whole record. unique_key: append only when no record
+    already has `record[unique_key]` under that key (checked under the lock); returns whether
+    the record was appended.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     with open(path, "a+b") as f:
+        try:
+            import fcntl
+
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed
+        except (ImportError, OSError):
+            pass  # no flock (Windows, some network file systems): one writer per file then
         _drop_partial_last_line(f)
+        if unique_key is not None:
+            f.seek(0)
+            for raw in f.read().split(b"\n"):
+                try:
+                    if raw.strip() and json.loads(raw).get(unique_key) == record[unique_key]:
+                        return False
+                except (ValueError, AttributeError):
+                    continue
         f.seek(0, os.SEEK_END)
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+    return True
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_control(text: str) -> str:
+    """`text` safe to print on a terminal: control characters other than newline and tab
+    (ESC sequences, carriage returns, C1 codes) become visible `\\xNN` escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
@@ -226,6 +281,38 @@ def to_pil(images_nhwc: Any) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Integer and float greyscale images with more than 8 bits as 8-bit "L", others unchanged.
+
+    I;16 (16-bit PNGs and TIFFs) and I (what Pillow opens 16-bit PNGs as): 0..65535 -> 0..255
+    (value / 257, rounded; I values outside 0..65535 clipped), where Pillow's own convert would
+    clip at 255 and make almost everything white. F: 0..255 as Pillow's convert (clipped).
+    """
+    if image.mode.startswith("I;16") or image.mode == "I":
+        a = np.asarray(image).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        return Image.fromarray(np.clip(np.round(np.asarray(image, np.float64)), 0, 255).astype(np.uint8), "L")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any image Pillow opens as 8-bit RGB.
+
+    High-bit greyscale (I;16, I, F) is scaled as `to_8bit`; 16-bit RGB PNGs are reduced to
+    8 bits by Pillow on open; palette, CMYK, YCbCr, LAB and HSV go through Pillow's convert.
+    Alpha policy (as A1111's img2img): an image with transparency (RGBA, LA, PA, or a
+    palette / L / RGB image with a transparency key) is composited onto white, so transparent
+    areas become white rather than whatever colour the invisible pixels happened to hold.
+    """
+    image = to_8bit(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def _target_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     if size is None:
         return None
@@ -238,10 +325,11 @@ def _target_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
 def load_image(path: str | os.PathLike, size: int | tuple[int, int] | None = None) -> np.ndarray:
     """Read an image as float32 (1, H, W, 3) in [-1, 1].
 
-    EXIF rotation is applied and alpha dropped (RGB). With `size` = (width, height)
-    (or an int for a square) it is resized with Lanczos, as diffusers does.
+    EXIF rotation is applied; any mode is made 8-bit RGB by `to_rgb` (transparency composited
+    on white). With `size` = (width, height) (or an int for a square) it is resized with
+    Lanczos, as diffusers does.
     """
-    image = ImageOps.exif_transpose(_open(path)).convert("RGB")
+    image = to_rgb(ImageOps.exif_transpose(_open(path)))
     target = _target_size(size)
     if target is not None and image.size != target:
         image = image.resize(target, resample=Image.Resampling.LANCZOS)
@@ -255,7 +343,7 @@ def load_mask(path: str | os.PathLike, size: int | tuple[int, int] | None = None
     Converted to greyscale (PIL "L"); resized to `size` = (width, height) with
     Lanczos. Not binarised: threshold at 0.5 where a hard mask is needed.
     """
-    image = ImageOps.exif_transpose(_open(path)).convert("L")
+    image = to_8bit(ImageOps.exif_transpose(_open(path))).convert("L")
     target = _target_size(size)
     if target is not None and image.size != target:
         image = image.resize(target, resample=Image.Resampling.LANCZOS)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -90,13 +91,22 @@ def _lora_file(name: str, lora_dir) -> Path:
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
-    """`PATH[:MULT]` (the CLI's --lora) -> (path, multiplier); a path may itself hold ':'."""
+    """`PATH[:MULT]` (the CLI's --lora) -> (path, multiplier); a path may itself hold ':'.
+
+    CheckpointError when the part after the last ':' is not a number and `text` is not an
+    existing file either (`f.safetensors:abc`): the multiplier is the likelier typo."""
     head, sep, tail = text.rpartition(":")
     if sep:
         try:
-            return head, float(tail)
+            mult = float(tail)
         except ValueError:
-            pass
+            if not Path(text).is_file() and "/" not in tail and "\\" not in tail:
+                raise CheckpointError(f"--lora {text}: the multiplier {tail!r} is not a number "
+                                      f"(use PATH:0.8, or PATH alone for 1)") from None
+        else:
+            if not math.isfinite(mult):
+                raise CheckpointError(f"--lora {text}: the multiplier must be a finite number")
+            return head, mult
     return text, 1.0
 
 
@@ -193,9 +203,9 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
         cache = _cache(pipe, "_sdjax_lora_cache")
         merge_input, hashes = [], {}
         for name, path, unet_m, te_m in requests:
-            key = (str(path.resolve()), path.stat().st_mtime_ns)
+            key = (str(path.resolve()), path.stat().st_mtime_ns, lora_strict)
             if key not in cache:
-                cache[key] = (lora_lib.read_lora(path, name), lora_hash(path))
+                cache[key] = (lora_lib.read_lora(path, name, strict=lora_strict), lora_hash(path))
             lora, digest = cache[key]
             merge_input.append((lora, unet_m, te_m))
             hashes[name] = digest

@@ -26,13 +26,16 @@ FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # A1111 inp
 
 def to_pil_rgb(image) -> Image.Image:
     """A path, a PIL image, or an array (H, W, 3) / (1, H, W, 3) -- uint8 in [0, 255] or
-    float in [-1, 1] -- as a PIL RGB image."""
+    float in [-1, 1] -- as a PIL RGB image. Files and PIL images of any mode go through
+    `sdjax.images.to_rgb` (16-bit scaled to 8 bits, transparency composited on white)."""
+    from sdjax.images import to_rgb
+
     if isinstance(image, (str, os.PathLike)):
         from sdjax.images import _open
 
-        return ImageOps.exif_transpose(_open(image)).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(_open(image)))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     a = np.asarray(image)
     if a.ndim == 4 and a.shape[0] == 1:
         a = a[0]
@@ -45,12 +48,14 @@ def to_pil_rgb(image) -> Image.Image:
 
 def to_pil_mask(mask) -> Image.Image:
     """A path, a PIL image, or an array (H, W) -- float in [0, 1] or uint8 -- as a PIL "L" mask."""
+    from sdjax.images import to_8bit
+
     if isinstance(mask, (str, os.PathLike)):
         from sdjax.images import _open
 
-        return ImageOps.exif_transpose(_open(mask)).convert("L")
+        return to_8bit(ImageOps.exif_transpose(_open(mask))).convert("L")
     if isinstance(mask, Image.Image):
-        return mask.convert("L")
+        return to_8bit(mask).convert("L")
     a = np.asarray(mask)
     a = a.reshape(a.shape[-3:-1]) if a.ndim > 2 else a
     if a.ndim != 2:

@@ -186,7 +186,8 @@ def test_load_image_and_mask_ranges_and_resize(tmp_path):
     np.testing.assert_allclose(resized[0], want, atol=1e-6)
     assert load_image(path, size=8).shape == (1, 8, 8, 3)
     rgba = save_png(Image.new("RGBA", (4, 4), (255, 0, 0, 0)), tmp_path / "rgba.png")
-    np.testing.assert_allclose(load_image(rgba)[0, 0, 0], [1, -1, -1])
+    # Transparent pixels are composited on white (A1111's img2img background), not their hidden colour.
+    np.testing.assert_allclose(load_image(rgba)[0, 0, 0], [1, 1, 1])
 
     mask = Image.new("L", (8, 4), 0)
     mask.paste(255, (0, 0, 4, 4))

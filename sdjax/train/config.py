@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from sdjax.errors import ConfigError
@@ -58,9 +59,38 @@ class TrainConfig:
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
+    def _check_types(self) -> None:
+        """Each field against its annotation, with a message naming the key (a JSON "abc" for
+        max_steps used to surface as a Python comparison error), and every float finite."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            optional = kind.endswith("| None")
+            base = kind.replace("| None", "").strip()
+            if value is None:
+                if optional:
+                    continue
+                raise ConfigError(f"{f.name}=null: must be a {base}")
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            if base == "int" and not is_int:
+                raise ConfigError(f"{f.name}={value!r}: must be a whole number")
+            if base == "float":
+                if not (is_int or isinstance(value, float)):
+                    raise ConfigError(f"{f.name}={value!r}: must be a number")
+                if not math.isfinite(value):
+                    raise ConfigError(f"{f.name}={value!r}: must be a finite number")
+            if base == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"{f.name}={value!r}: must be true or false")
+            if base == "str" and not isinstance(value, str):
+                raise ConfigError(f"{f.name}={value!r}: must be a string")
+            if base.startswith("tuple") and not (isinstance(value, tuple) and all(isinstance(v, str) for v in value)):
+                raise ConfigError(f"{f.name}={value!r}: must be a list of strings")
+
     def __post_init__(self):
+        self._check_types()
         if self.attention is not None:
             check_attention(self.attention)
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate={self.learning_rate!r}: must be a finite number > 0")
         if self.mixed_precision not in ("no", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use 'no' or 'bf16'")
         for name in ("resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every",

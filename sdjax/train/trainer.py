@@ -3,7 +3,9 @@
 `train(cfg)` resumes from the newest checkpoint in `cfg.output_dir/checkpoints`
 when there is one, and then continues exactly as if never stopped: the data order,
 caption dropout and noise are all functions of (seed, step), and the optimizer
-state, EMA and step come back from the checkpoint.
+state, EMA and step come back from the checkpoint. A NaN / inf loss or gradient norm stops
+the run at once (`NonFiniteLossError`) without saving that state, so the newest checkpoint
+is the last good one; non-finite weights are never exported.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel
+from sdjax.errors import SdjaxError
 from sdjax.models.layers import apply_kernels
 from sdjax.train import lora as lora_lib
 from sdjax.train import step as train_step_lib
@@ -158,7 +161,17 @@ class Trainer:
             key = jax.random.fold_in(self.run_key, self.step)
             self.state, m = self.step_fn(self.state, self.frozen, self.batch(self.step), key)
             self.step += 1
-            rec = {"step": self.step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # This state is poisoned (the old one was donated): never save it; the newest
+                # checkpoint stays the last good one.
+                bar.close()
+                last = self.checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"step {self.step}: loss {loss}, gradient norm {grad_norm} -- training stopped; the last "
+                    f"good checkpoint ({'step ' + str(last) if last is not None else 'none yet'}) is kept. "
+                    "Lower learning_rate or max_grad_norm, or use mixed_precision 'no'; rerun to resume from it")
+            rec = {"step": self.step, "loss": loss, "grad_norm": grad_norm,
                    "examples_per_s": cfg.batch_size * cfg.grad_accum / max(time.perf_counter() - t0, 1e-9)}
             t0 = time.perf_counter()
             records.append(rec)
@@ -191,6 +204,7 @@ class Trainer:
             return self.export_lora(out_dir, dtype=dtype, use_ema=use_ema)
         out_dir = Path(out_dir) if out_dir is not None else self.out / "model"
         states = self.trained_states(use_ema)
+        check_finite(states)
         return save_pipeline(self.pipe, out_dir, dtype=dtype, unet_state=states["unet"],
                              text_encoder_state=states.get("text_encoder"))
 
@@ -202,6 +216,7 @@ class Trainer:
         if path.suffix != ".safetensors":
             path = path / "lora.safetensors"
         params = self.state["ema"] if (use_ema and self.state["ema"] is not None) else self.state["params"]
+        check_finite(params)
         cfg = self.cfg
         meta = {"ss_steps": self.step, "ss_learning_rate": cfg.learning_rate, "ss_resolution": cfg.resolution,
                 "ss_seed": cfg.seed, "ss_num_train_images": len(self.dataset),
@@ -222,6 +237,19 @@ class Trainer:
             result = pipe.generate(prompt, steps=self.cfg.sample_steps, seed=self.cfg.seed + i,
                                    width=self.cfg.resolution, height=self.cfg.resolution)
             save_png(result.images[0], folder / f"{i:03d}.png", result.infotexts[0])
+
+
+class NonFiniteLossError(SdjaxError, FloatingPointError):
+    """Training met a NaN / inf loss or gradient, or was asked to export non-finite weights."""
+
+
+def check_finite(states) -> None:
+    """NonFiniteLossError naming how many weight tensors hold NaN / inf (nothing is exported then)."""
+    leaves = jax.tree.leaves(states)
+    bad = sum(not bool(jnp.isfinite(x).all()) for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
+    if bad:
+        raise NonFiniteLossError(f"{bad} of {len(leaves)} weight tensors hold NaN/inf values; refusing to export "
+                                 "them (resume from an earlier checkpoint with a lower learning_rate)")
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, export_dtype: str | None = None, **kw) -> Trainer:

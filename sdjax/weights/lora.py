@@ -113,13 +113,25 @@ def _split_key(key: str) -> tuple[str, str, str]:
     raise CheckpointError(f"LoRA tensor {key!r}: cannot tell whether it adapts the UNet or the text encoder")
 
 
-def parse_lora(flat: Mapping[str, Any], name: str = "lora") -> LoRA:
+def parse_lora(flat: Mapping[str, Any], name: str = "lora", strict: bool = True) -> LoRA:
     """Flat LoRA tensors (any supported format) -> `LoRA`. Pure; raises CheckpointError naming
-    the tensor for unsupported LyCORIS variants or a module with down but no up (or vice versa)."""
+    the tensor for unsupported LyCORIS variants or a module with down but no up (or vice versa).
+    strict=False: tensors that are not LoRA tensors at all (or whose model part cannot be
+    told) are skipped with one warning listing them instead of failing."""
     parts: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: list[str] = []
     for key, arr in flat.items():
-        component, module, role = _split_key(key)
+        try:
+            component, module, role = _split_key(key)
+        except CheckpointError as e:
+            if strict or not ("not a LoRA" in str(e) or "cannot tell" in str(e)):
+                raise
+            skipped.append(key)
+            continue
         parts.setdefault((component, module), {})[role] = arr
+    if skipped:
+        warnings.warn(f"LoRA {name}: {len(skipped)} tensors are not LoRA tensors and were skipped: "
+                      + ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""), stacklevel=2)
     modules = []
     for (component, module), p in sorted(parts.items()):
         if "down" not in p or "up" not in p:
@@ -131,13 +143,13 @@ def parse_lora(flat: Mapping[str, Any], name: str = "lora") -> LoRA:
     return LoRA(name, tuple(modules))
 
 
-def read_lora(path: str | os.PathLike, name: str | None = None) -> LoRA:
+def read_lora(path: str | os.PathLike, name: str | None = None, strict: bool = True) -> LoRA:
     """A LoRA file (`.safetensors`, or `.pt`/`.bin`/`.ckpt` through the restricted unpickler) -> LoRA.
     name defaults to the file stem (the name `<lora:NAME:0.8>` prompt tags use)."""
     from sdjax.weights.files import read_weight_file
 
     path = Path(path)
-    return parse_lora(read_weight_file(path), name or path.stem)
+    return parse_lora(read_weight_file(path), name or path.stem, strict)
 
 
 def module_index(state: nnx.State, component: str) -> dict[str, tuple]:

@@ -1,0 +1,115 @@
+"""One check for every number of a generation request, used by `Pipeline.generate` and the CLI.
+
+`check_request(...)` is a pure function of the request's values: it raises `RequestError`
+(a `TaskError`, so an `SdjaxError`: exit 2 in the CLI) naming the value and the fix, and
+returns nothing. Values that are not known yet (None) are skipped, so the CLI can check what
+it has before loading a model, and `generate` checks everything once the model has filled in
+the defaults (size from the init image or the model's own resolution).
+
+Limits (each with an override, `Limits(...)` in Python, a CLI flag):
+- pixels per image: width * height <= max_pixels (default 4096 * 4096; `--max-pixels`);
+- steps <= max_steps (default 1000; `--max-steps`);
+- batch_size <= max_batch_size (default 64; `--max-batch-size`).
+Seeds are A1111's range, 0 .. 2**32 - 1, for every image's seed (seed + i) and variation seed:
+the noise key is made from a 32-bit seed, so a larger seed would silently give the pixels of
+another one. CFG scale, strength, eta and the other floats must be finite; strength is in (0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Mapping
+
+from sdjax.tasks import TaskError
+
+SEED_MAX = 2**32 - 1
+
+
+class RequestError(TaskError):
+    """A generation request with a value out of range or of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Upper bounds that keep a typo from running for hours (`check_request`)."""
+
+    max_pixels: int = 4096 * 4096
+    max_steps: int = 1000
+    max_batch_size: int = 64
+
+
+def _int(name: str, value: Any, lo: int, hi: int | None = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"at least {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise RequestError(f"{name} must be {rng}, got {value}{hint}")
+
+
+def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:  # numpy scalars
+            value = float(value)
+        except (TypeError, ValueError):
+            raise RequestError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value}")
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        raise RequestError(f"{name} must be in {left}{lo}, {hi}], got {value}")
+
+
+def check_request(*, steps: Any = None, cfg_scale: Any = None, seed: Any = None, batch_size: Any = None,
+                  width: Any = None, height: Any = None, strength: Any = None, subseed: Any = None,
+                  subseed_strength: Any = None, clip_skip: Any = None, batch_count: Any = None,
+                  knobs: Mapping[str, Any] | None = None, limits: Limits | None = None) -> None:
+    """Raise RequestError for the first bad value; None means "not known yet" and is skipped.
+
+    steps, batch_size, batch_count, clip_skip: whole numbers >= 1 (steps <= max_steps,
+    batch_size <= max_batch_size); width, height: positive multiples of 8 with
+    width * height <= max_pixels; seed, subseed: in [0, 2**32 - 1] for every image of the
+    batch (seed + batch_size - 1 included); cfg_scale and `knobs` (eta, s_noise, ...): finite;
+    strength in (0, 1]; subseed_strength in [0, 1].
+    """
+    limits = limits or Limits()
+    if steps is not None:
+        _int("steps", steps, 1, limits.max_steps, " (raise the limit with --max-steps / Limits(max_steps=...))")
+    if batch_size is not None:
+        _int("batch_size", batch_size, 1, limits.max_batch_size,
+             " (raise the limit with --max-batch-size / Limits(max_batch_size=...))")
+    if batch_count is not None:
+        _int("batch_count", batch_count, 1)
+    if clip_skip is not None:
+        _int("clip_skip", clip_skip, 1)
+    for name, v in (("width", width), ("height", height)):
+        if v is not None:
+            _int(name, v, 8)
+            if v % 8:
+                raise RequestError(f"{name} must be a positive multiple of 8, got {v}")
+    if width is not None and height is not None and width * height > limits.max_pixels:
+        raise RequestError(f"{width}x{height} is {width * height} pixels, more than the limit of "
+                           f"{limits.max_pixels}; raise it with --max-pixels / Limits(max_pixels=...)")
+    n = int(batch_size) if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) else 1
+    for name, v in (("seed", seed), ("subseed", subseed)):
+        if v is None:
+            continue
+        _int(name, v, 0, SEED_MAX, " (seeds are 32-bit as in A1111; -1 for a random one in the CLI)")
+        if int(v) + n - 1 > SEED_MAX:
+            raise RequestError(f"{name} {v} + batch_size {n} - 1 passes the largest seed {SEED_MAX}; "
+                               "use a smaller seed")
+    if cfg_scale is not None:
+        _float("cfg_scale", cfg_scale)
+    if strength is not None:
+        _float("strength", strength, 0.0, 1.0, lo_open=True)
+    if subseed_strength is not None:
+        _float("subseed_strength", subseed_strength, 0.0, 1.0)
+    for name, v in (knobs or {}).items():
+        if not isinstance(v, (bool, str)) and v is not None:
+            _float(name, v)
+
+
+__all__ = ["Limits", "RequestError", "SEED_MAX", "check_request"]
