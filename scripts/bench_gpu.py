@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--table", help="write the markdown table here")
     p.add_argument("--profile", help="write a jax.profiler trace (with a Perfetto JSON) of two UNet "
                                       "forwards at the first UNet batch into this folder")
+    p.add_argument("--dump-hlo", help="write the optimized HLO of the UNet forward at the first UNet batch here "
+                                      "(to map a profile's fusion names to operations)")
     p.add_argument("--ready-worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     q = a.quick
@@ -304,6 +306,8 @@ def section_unet(b: Bench, pipe, configs, torch_models, peak: float) -> None:
               note=f"{tflops:.0f} TFLOP/s = {tflops / peak:.0%} of the measured peak; "
                    f"{flops / batch / 1e12:.3f} TFLOP per latent; compile {compile_s:.1f} s; "
                    f"attention {attention} (first level)")
+        if b.args.dump_hlo and batch == b.args.unet_batches[0]:
+            _atomic_write(b.args.dump_hlo, compiled.as_text())
         if b.args.profile and batch == b.args.unet_batches[0]:
             import jax
             with jax.profiler.trace(b.args.profile, create_perfetto_trace=True):
