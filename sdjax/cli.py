@@ -304,6 +304,8 @@ def _run(args) -> int:
     if hosts > 1 and single_file:
         raise UsageError("a multi-host run writes a folder: --out must not be a .png file")
     o["seed"] = _shared_seed(o["seed"], hosts)
+    if "seed" in defaults:  # the plan must use process 0's seed on every process
+        defaults["seed"] = o["seed"]
     import sdjax
 
     from sdjax.generate import _model_hash

@@ -56,3 +56,15 @@ class BatchError(SdjaxError, ValueError):
 
 class DatasetError(SdjaxError, ValueError):
     """A dataset folder or file is missing, incomplete or unreadable; the message names the file."""
+
+
+class RequestError(TaskError):
+    """A generation request with a value out of range or of the wrong type (`sdjax.limits`)."""
+
+
+class NonFiniteError(TaskError):
+    """Sampling or the VAE decode produced NaN / inf values."""
+
+
+class NonFiniteLossError(SdjaxError, FloatingPointError):
+    """Training met a NaN / inf loss or gradient, or was asked to export non-finite weights."""

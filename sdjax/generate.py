@@ -23,7 +23,7 @@ from PIL import Image
 from sdjax import generation, metadata, networks, prompts, sampling, tasks
 from sdjax.images import to_pil
 from sdjax.limits import Limits, check_request
-from sdjax.tasks import TaskError
+from sdjax.errors import NonFiniteError, TaskError
 
 # Sampler knobs that choose code paths: static in the compiled function.
 _STATIC_KNOBS = ("order", "solver_type", "lower_order_final")
@@ -135,10 +135,6 @@ def _placed(pipe, inputs: dict, b: int, devices, fsdp, mesh, unet_state=None) ->
         cached = (unet_state, pipe.vae.state, (mesh, mode), states)
         pipe._sdjax_placed = cached
     return (*cached[3], parallel.shard_batch(inputs, mesh, b, unbatched=_UNBATCHED))
-
-
-class NonFiniteError(TaskError):
-    """Sampling or the VAE decode produced NaN / inf values."""
 
 
 @functools.lru_cache(maxsize=8)

@@ -22,13 +22,9 @@ import math
 import numbers
 from typing import Any, Mapping
 
-from sdjax.tasks import TaskError
+from sdjax.errors import RequestError, TaskError  # noqa: F401  (RequestError: old import path)
 
 SEED_MAX = 2**32 - 1
-
-
-class RequestError(TaskError):
-    """A generation request with a value out of range or of the wrong type."""
 
 
 @dataclasses.dataclass(frozen=True)

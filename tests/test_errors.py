@@ -45,5 +45,5 @@ def test_old_import_paths_still_work(module, name):
 
 def test_every_error_is_a_user_facing_sdjax_error():
     classes = [v for v in vars(errors).values() if isinstance(v, type) and issubclass(v, Exception)]
-    assert len(classes) == 13
+    assert len(classes) == 17
     assert all(issubclass(c, errors.SdjaxError) for c in classes)

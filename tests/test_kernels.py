@@ -40,6 +40,7 @@ VAE = (1, 4096, 1, 512)        # the VAE's single 512-wide head
     ("cpu", F32, SD_SELF, SD_SELF, False, "chunked"),
     ("cpu", BF16, SD_SELF, SD_CROSS_K, False, "chunked"),
     ("cpu", F32, (2, 77, 12, 64), (2, 77, 12, 64), True, "xla"),
+    ("cpu", F16, (2, 77, 12, 64), (2, 77, 12, 64), True, "softmax"),  # XLA:CPU has no f16 x f16 -> f32 dot
 ])
 def test_auto_attention_per_backend_dtype_and_shape(backend, dtype, q, k, causal, expected):
     assert choose_attention(backend, dtype, q, k, causal=causal) == expected

@@ -25,7 +25,8 @@ Convolution (`CONV`):
 `choose_attention` and `choose_conv` are pure functions of (backend, dtype, shapes, request).
 "auto" picks per backend: cudnn (falling back to xla where cuDNN cannot take the shape or the
 dtype, e.g. float32 or the VAE's 512-wide single head) on GPU, pallas (falling back to xla) on
-TPU, chunked on CPU; convs are matmul on CPU and xla elsewhere. A named request is honoured
+TPU, chunked on CPU (xla for causal attention, softmax for float16, whose F16_F16_F32 dot
+XLA:CPU cannot compile); convs are matmul on CPU and xla elsewhere. A named request is honoured
 where that implementation can take the call and falls back to "xla" where it cannot; naming an
 implementation the backend cannot run at all ("cudnn" on CPU) is an error.
 
@@ -99,12 +100,12 @@ def choose_attention(backend: str | None, dtype, q_shape: tuple[int, ...], k_sha
 
     if requested == "auto":
         requested = {"gpu": "cudnn", "tpu": "pallas", "cpu": "chunked"}[backend]
-    if requested == "cudnn" and not cudnn_takes():
-        return "xla"
-    if requested == "pallas" and not pallas_takes():
-        return "xla"
-    if requested == "chunked" and causal:
-        return "xla"
+    if (requested == "cudnn" and not cudnn_takes()) or (requested == "pallas" and not pallas_takes()) \
+            or (requested == "chunked" and causal):
+        requested = "xla"
+    if requested == "xla" and backend == "cpu" and dtype == jnp.dtype(jnp.float16):
+        # XLA's attention asks for an F16_F16_F32 dot, which XLA:CPU cannot compile.
+        return "softmax"
     return requested
 
 

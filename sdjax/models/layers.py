@@ -287,7 +287,10 @@ def _attend(impl: str, qh, kh, vh, scale: float, causal: bool):
     if impl == "softmax":
         return _attend_softmax(qh, kh, vh, scale, causal)
     if impl in ("xla", "cudnn"):
-        return jax.nn.dot_product_attention(qh, kh, vh, scale=scale, is_causal=causal, implementation=impl)
+        # JAX's own implementation promotes bf16 with float32 implicitly; under a caller's
+        # strict dtype promotion that would raise, so it runs under the standard rules.
+        with jax.numpy_dtype_promotion("standard"):
+            return jax.nn.dot_product_attention(qh, kh, vh, scale=scale, is_causal=causal, implementation=impl)
     if impl == "chunked":
         return _attend_cpu(qh, kh, vh, scale)
     if impl == "pallas":

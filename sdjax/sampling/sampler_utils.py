@@ -69,7 +69,8 @@ def setup(denoise: Denoiser, x_init, sigmas):
     are small and the multistep coefficients are sensitive to rounding.
     """
     x_init = jnp.asarray(x_init)
-    dtype = jnp.result_type(x_init.dtype, jnp.float32)
+    # float32, or float64 for float64 latents (x64): never narrower than float32.
+    dtype = x_init.dtype if x_init.dtype == jnp.float64 else jnp.dtype(jnp.float32)
     sigmas = jnp.asarray(sigmas, dtype)
     if sigmas.ndim != 1 or sigmas.shape[0] < 2:
         raise ValueError(f"sigmas must have shape (steps + 1,) with steps >= 1; got {sigmas.shape}")

@@ -51,7 +51,8 @@ def _churn(x, i, sigma, n, keys, s_churn, s_tmin, s_tmax, s_noise):
     """Karras et al. Algorithm 2 "churn": raise sigma to sigma_hat by adding fresh noise."""
     if keys is None:
         return x, sigma
-    gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax), jnp.minimum(s_churn / n, _GAMMA_MAX), 0.0)
+    gamma = jnp.where((s_tmin <= sigma) & (sigma <= s_tmax),
+                      jnp.minimum(s_churn / jnp.asarray(n, sigma.dtype), _GAMMA_MAX), 0.0)
     sigma_hat = sigma * (gamma + 1.0)
     eps = step_noise(keys, i, x.shape[1:], x.dtype) * s_noise
     return x + eps * jnp.sqrt(jnp.maximum(sigma_hat**2 - sigma**2, 0.0)), sigma_hat

@@ -40,7 +40,7 @@ def _lms_coeffs(sigmas, i, order: int):
     """LMS weights (order,) for step i: integrals over [sigma_i, sigma_{i+1}] of the
     Lagrange basis on the nodes sigma_i, sigma_{i-1}, ...; zero beyond the current order."""
     t_i, t_next = sigmas[i], sigmas[i + 1]
-    k = jnp.arange(order)
+    k = jnp.arange(order, dtype=jnp.asarray(i).dtype)  # i is int64 under x64
     # Nodes before the start do not exist yet; distinct stand-ins keep the unused orders finite.
     nodes = jnp.where(k <= i, sigmas[jnp.maximum(i - k, 0)], t_i + 1.0 + k.astype(sigmas.dtype))
     half = (t_next - t_i) / 2

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel
-from sdjax.errors import SdjaxError
+from sdjax.errors import NonFiniteLossError, SdjaxError
 from sdjax.models.layers import apply_kernels
 from sdjax.train import lora as lora_lib
 from sdjax.train import step as train_step_lib
@@ -237,10 +237,6 @@ class Trainer:
             result = pipe.generate(prompt, steps=self.cfg.sample_steps, seed=self.cfg.seed + i,
                                    width=self.cfg.resolution, height=self.cfg.resolution)
             save_png(result.images[0], folder / f"{i:03d}.png", result.infotexts[0])
-
-
-class NonFiniteLossError(SdjaxError, FloatingPointError):
-    """Training met a NaN / inf loss or gradient, or was asked to export non-finite weights."""
 
 
 def check_finite(states) -> None:
