@@ -111,3 +111,24 @@ def test_load_pipeline_override_and_environment(tiny, monkeypatch):
     with pytest.raises(sdjax.errors.KernelError, match="only on GPU"):
         sdjax.load_pipeline(folder, attention="cudnn")
     assert layers.CONV_FUNCTIONS["xla"] is layers.conv_xla
+
+
+def test_training_uses_the_requested_attention(tiny):
+    from flax import nnx
+
+    from sdjax.errors import KernelError
+    from sdjax.models.attention import Attention
+    from sdjax.train.config import TrainConfig
+    from sdjax.train.trainer import Trainer
+
+    pipe = sdjax.load_pipeline(tiny[0], attention="softmax", conv="xla")
+    graph = Trainer._graphdef(pipe.unet, jax.numpy.bfloat16)  # what the train step merges
+    model = nnx.merge(graph, pipe.unet.state)
+    atts = [m for _, m in nnx.iter_graph(model) if isinstance(m, Attention)]
+    convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)]
+    assert atts and all(m.kernels.attention == "softmax" for m in atts)
+    assert convs and all(c.conv_general_dilated is layers.conv_xla for c in convs)
+    cfg = dict(model=str(tiny[0]), data="unused", output_dir="unused")
+    assert TrainConfig(**cfg, attention="xla").attention == "xla"
+    with pytest.raises(KernelError, match="only on GPU"):
+        TrainConfig(**cfg, attention="cudnn")
