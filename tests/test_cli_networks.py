@@ -114,3 +114,31 @@ def test_convert_round_trip(env, model, tmp_path):
     assert all(v.dtype == np.float16 for v in half.values())
     r = sdjax(env, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_lora_nonstrict_skips_tensors_that_are_not_lora(env, model, tmp_path):
+    lora = tmp_path / "mixed.safetensors"
+    rng = np.random.default_rng(0)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.lora_down.weight": rng.standard_normal((4, 32)).astype(np.float32),
+               f"{key}.lora_up.weight": rng.standard_normal((32, 4)).astype(np.float32),
+               "model.diffusion_model.out.2.weight": np.zeros((4, 4), np.float32)}, str(lora))
+    strict = sdjax(env, "generate", "a cat", "--model", model, "--lora", f"{lora}:0.7", *ARGS,
+                   "--out", tmp_path / "strict.png")
+    assert strict.returncode == 2 and "model.diffusion_model.out.2.weight" in strict.stderr, strict.stderr
+    loose = sdjax(env, "generate", "a cat", "--model", model, "--lora", f"{lora}:0.7", "--lora-nonstrict", *ARGS,
+                  "--out", tmp_path / "loose.png")
+    assert loose.returncode == 0, loose.stderr
+    assert "model.diffusion_model.out.2.weight" in loose.stderr  # named in the warning
+    plain = sdjax(env, "generate", "a cat", "--model", model, *ARGS, "--out", tmp_path / "plain.png")
+    assert plain.returncode == 0
+    # The LoRA tensors that are LoRA still apply.
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "loose.png")),
+                              np.asarray(Image.open(tmp_path / "plain.png")))
+
+
+def test_lora_multiplier_must_be_a_number(env, model, tmp_path):
+    lora = tmp_path / "style.safetensors"
+    _lora(lora)
+    r = sdjax(env, "generate", "a cat", "--model", model, "--lora", f"{lora}:abc", *ARGS, "--out", tmp_path / "x.png")
+    assert r.returncode == 2 and "abc" in r.stderr and "does not exist" not in r.stderr, r.stderr

@@ -229,3 +229,19 @@ def test_parse_formats_and_refusals():
         parse_lora({"lora_te2_x.lora_down.weight": d})
     with pytest.raises(CheckpointError, match="needs both"):
         parse_lora({"lora_unet_x.lora_down.weight": d})
+
+
+def test_unsupported_variants_are_named_and_diffusion_keys_are_not_mistaken_for_them():
+    from sdjax.errors import CheckpointError
+    from sdjax.weights.lora import parse_lora
+
+    z = np.zeros((4, 4), np.float32)
+    for key, what in (("lora_unet_mid_block_attentions_0_proj_in.diff", "full weight differences"),
+                      ("lora_unet_mid_block_attentions_0_proj_in.diff_b", "full weight differences"),
+                      ("lora_unet_mid_block_attentions_0_proj_in.hada_w1_a", "LoHa")):
+        with pytest.raises(CheckpointError, match=what):
+            parse_lora({key: z}, strict=False)  # never skipped: it would silently change the images
+    with pytest.raises(CheckpointError, match="not a LoRA down/up/alpha tensor"):
+        parse_lora({"model.diffusion_model.out.2.weight": z})
+    with pytest.warns(UserWarning, match="model.diffusion_model.out.2.weight"):
+        assert parse_lora({"model.diffusion_model.out.2.weight": z}, strict=False).modules == ()

@@ -79,3 +79,22 @@ def test_non_finite_loss_stops_keeping_last_good_checkpoint(mini_model, tmp_path
     with pytest.raises(NonFiniteLossError, match="refusing to export"):
         trainer.export(tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+def test_run_failing_after_it_made_its_folder_leaves_nothing(mini_model, tmp_path):
+    # The model loads and the trainer creates output_dir; the data folder is missing, so the
+    # run fails before its first checkpoint: the folder it made must be gone again.
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "train", str(TINY), "-o", f"model={mini_model}",
+                        "-o", f"data={tmp_path / 'no_such_data'}", "-o", f"output_dir={out}"],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no_such_data" in r.stderr
+    assert not out.exists()
+    # An output_dir that existed before the run is the user's: it stays.
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "train", str(TINY), "-o", f"model={mini_model}",
+                        "-o", f"data={tmp_path / 'no_such_data'}", "-o", f"output_dir={out}"],
+                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
+    assert r.returncode == 2 and (out / "notes.txt").read_text() == "mine"

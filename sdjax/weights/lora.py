@@ -85,7 +85,7 @@ _SUFFIXES = (
     (".alpha", "alpha"),
 )
 _UNSUPPORTED = {"hada_": "LyCORIS LoHa", "lokr_": "LyCORIS LoKr", "dora_scale": "DoRA",
-                "lora_mid": "LyCORIS LoCon with CP decomposition (lora_mid)", "diff": "full weight differences",
+                "lora_mid": "LyCORIS LoCon with CP decomposition (lora_mid)", ".diff": "full weight differences",
                 "oft_": "OFT", "bias_indices": "LyCORIS bias diff"}
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
 
@@ -98,7 +98,8 @@ def _split_key(key: str) -> tuple[str, str, str]:
             break
     else:
         for marker, what in _UNSUPPORTED.items():
-            if marker in key:
+            # ".diff" / ".diff_b" end LyCORIS full-difference keys; "diffusion_model" is no marker.
+            if (key.endswith((".diff", ".diff_b")) if marker == ".diff" else marker in key):
                 raise CheckpointError(f"LoRA tensor {key!r}: {what} is not supported (plain LoRA/LoCon only)")
         raise CheckpointError(f"LoRA tensor {key!r}: not a LoRA down/up/alpha tensor")
     module = _OLD_PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)), module)
