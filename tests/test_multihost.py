@@ -149,3 +149,53 @@ def test_distributed_init_single_process_and_errors(monkeypatch):
     monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, "two")
     with pytest.raises(ValueError, match="SDJAX_NUM_PROCESSES"):
         parallel.distributed_init()
+
+
+def test_coordinator_auto_reaches_jax_cluster_detection(monkeypatch):
+    """`--coordinator-address auto` (flag or $SDJAX_COORDINATOR) calls jax.distributed.initialize()
+    with no arguments, so JAX's cluster detection fills them in; with no flags and no cluster
+    nothing starts, and inside a detected cluster (SLURM variables here) detection is used
+    without the flag. Outside any cluster "auto" is JAX's own clear error, which the CLI turns
+    into a one-line usage error (exit 2)."""
+    import jax
+
+    from sdjax import cli, parallel
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    for k in (parallel.ENV_COORDINATOR, parallel.ENV_NUM_PROCESSES, parallel.ENV_PROCESS_ID,
+              "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+
+    args = cli._parser().parse_args(["generate", "x", "--coordinator-address", "auto"])
+    assert args.coordinator_address == "auto"
+    cli.start_distributed(vars(args))
+    assert calls == [((), {})]
+    monkeypatch.setenv(parallel.ENV_COORDINATOR, "auto")
+    cli.start_distributed({})
+    assert calls[-1] == ((), {}) and len(calls) == 2
+    monkeypatch.delenv(parallel.ENV_COORDINATOR)
+    assert parallel.detected_cluster() is None
+    cli.start_distributed({})
+    assert len(calls) == 2  # nothing given, no cluster: a single process
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node001", "SLURM_NTASKS": "2",
+                 "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    assert parallel.detected_cluster() == "SlurmCluster"
+    cli.start_distributed({})
+    assert calls[-1] == ((), {}) and len(calls) == 3
+    # An explicit address wins over detection and is passed through.
+    cli.start_distributed({"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1})
+    assert calls[-1] == ((), {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1})
+
+
+@pytest.mark.slow
+def test_coordinator_auto_outside_a_cluster_is_a_clear_error(tmp_path):
+    env = {k: v for k, v in _env(tmp_path / "cache", 1).items() if not k.startswith(("SLURM_", "OMPI_"))}
+    r = subprocess.run(_cli(["x", "--coordinator-address", "auto", "--steps", "1", "--out", tmp_path / "o"]),
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "coordinator" in r.stderr.lower(), r.stderr[-2000:]
