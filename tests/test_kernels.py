@@ -36,11 +36,11 @@ VAE = (1, 4096, 1, 512)        # the VAE's single 512-wide head
     ("tpu", F32, SD_SELF, SD_SELF, False, "pallas"),
     ("tpu", BF16, SD_SELF, SD_CROSS_K, False, "xla"),                      # 77 keys
     ("tpu", BF16, (2, 128, 12, 64), (2, 128, 12, 64), True, "xla"),        # causal
-    # CPU: the chunked form, XLA's for causal attention
+    # CPU: the chunked form, the plain one for causal attention
     ("cpu", F32, SD_SELF, SD_SELF, False, "chunked"),
     ("cpu", BF16, SD_SELF, SD_CROSS_K, False, "chunked"),
-    ("cpu", F32, (2, 77, 12, 64), (2, 77, 12, 64), True, "xla"),
-    ("cpu", F16, (2, 77, 12, 64), (2, 77, 12, 64), True, "softmax"),  # XLA:CPU has no f16 x f16 -> f32 dot
+    ("cpu", F32, (2, 77, 12, 64), (2, 77, 12, 64), True, "softmax"),
+    ("cpu", F16, (2, 77, 12, 64), (2, 77, 12, 64), True, "softmax"),
 ])
 def test_auto_attention_per_backend_dtype_and_shape(backend, dtype, q, k, causal, expected):
     assert choose_attention(backend, dtype, q, k, causal=causal) == expected
@@ -54,7 +54,8 @@ def test_requested_attention_is_honoured_where_it_can_run():
     # where the named kernel cannot take the shape, XLA's
     assert choose_attention("gpu", F32, SD_SELF, SD_SELF, "cudnn") == "xla"
     assert choose_attention("tpu", F32, SD_SELF, SD_CROSS_K, "pallas") == "xla"
-    assert choose_attention("cpu", F32, (1, 77, 1, 8), (1, 77, 1, 8), "chunked", causal=True) == "xla"
+    assert choose_attention("cpu", F32, (1, 77, 1, 8), (1, 77, 1, 8), "chunked", causal=True) == "softmax"
+    assert choose_attention("cpu", F16, (1, 77, 1, 8), (1, 77, 1, 8), "xla", causal=True) == "softmax"
 
 
 def test_impossible_or_unknown_requests_are_errors():

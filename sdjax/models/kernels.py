@@ -23,15 +23,17 @@ Convolution (`CONV`):
                kernel gradient as matmuls (`layers._conv2d`); other convs go to lax.
 
 `choose_attention` and `choose_conv` are pure functions of (backend, dtype, shapes, request).
-"auto" picks per backend: cudnn (falling back to xla where cuDNN cannot take the shape or the
-dtype, e.g. float32 or the VAE's 512-wide single head) on GPU, pallas (falling back to xla) on
-TPU, chunked on CPU (xla for causal attention, softmax for float16, whose F16_F16_F32 dot
-XLA:CPU cannot compile); convs are matmul on CPU and xla elsewhere. A named request is honoured
-where that implementation can take the call and falls back to "xla" where it cannot; naming an
-implementation the backend cannot run at all ("cudnn" on CPU) is an error.
+"auto" picks per backend: cudnn on GPU (xla where cuDNN cannot take the shape or the dtype,
+e.g. float32 or the VAE's 512-wide single head), pallas on TPU (xla where its blocks do not
+fit), chunked on CPU (softmax for causal attention, which the chunked form does not mask);
+convs are matmul on CPU and xla elsewhere. A named request is honoured where that
+implementation can take the call, else it falls back as "auto" does ("chunked" to softmax,
+the others to xla; xla itself to softmax for float16 on CPU, whose F16_F16_F32 dot XLA:CPU
+cannot compile); naming an implementation the backend cannot run at all ("cudnn" on CPU) is
+an error.
 
 Models carry a `Kernels` value (`layers.apply_kernels`); one that carries none resolves "auto"
-on the default backend when it is traced. `Kernels.from_env` reads SDJAX_ATTENTION / SDJAX_CONV.
+on the default backend when it is traced. `Kernels.resolve` reads SDJAX_ATTENTION / SDJAX_CONV.
 """
 
 from __future__ import annotations
@@ -100,8 +102,10 @@ def choose_attention(backend: str | None, dtype, q_shape: tuple[int, ...], k_sha
 
     if requested == "auto":
         requested = {"gpu": "cudnn", "tpu": "pallas", "cpu": "chunked"}[backend]
-    if (requested == "cudnn" and not cudnn_takes()) or (requested == "pallas" and not pallas_takes()) \
-            or (requested == "chunked" and causal):
+    if requested == "chunked" and causal:
+        # The chunked form has no mask; CLIP's 77 causal tokens are small: the plain form.
+        return "softmax"
+    if (requested == "cudnn" and not cudnn_takes()) or (requested == "pallas" and not pallas_takes()):
         requested = "xla"
     if requested == "xla" and backend == "cpu" and dtype == jnp.dtype(jnp.float16):
         # XLA's attention asks for an F16_F16_F32 dot, which XLA:CPU cannot compile.

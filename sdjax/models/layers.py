@@ -288,7 +288,8 @@ def _attend(impl: str, qh, kh, vh, scale: float, causal: bool):
         return _attend_softmax(qh, kh, vh, scale, causal)
     if impl in ("xla", "cudnn"):
         # JAX's own implementation promotes bf16 with float32 implicitly; under a caller's
-        # strict dtype promotion that would raise, so it runs under the standard rules.
+        # strict dtype promotion that would raise in the forward pass, so it is traced under
+        # the standard rules (its backward pass is not: sdjax's defaults on CPU avoid it).
         with jax.numpy_dtype_promotion("standard"):
             return jax.nn.dot_product_attention(qh, kh, vh, scale=scale, is_causal=causal, implementation=impl)
     if impl == "chunked":
