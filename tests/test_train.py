@@ -151,3 +151,24 @@ def test_data_parallel_equals_single_device(mini_model, tmp_path):
                     mesh=mesh, log=lambda m: None)
         runs[n] = [r["loss"] for r in t.run(progress=False)]
     np.testing.assert_allclose(runs[4], runs[1], rtol=1e-4)
+
+
+def test_samples_during_training_use_the_trained_weights(mini_model, tmp_path):
+    from PIL import Image
+
+    from sdjax.images import read_infotext
+    from sdjax.train.trainer import Trainer
+
+    trainer = Trainer(_cfg(mini_model, tmp_path / "run", max_steps=2, sample_every=2, sample_steps=2,
+                           sample_prompts=("a red circle", "a blue square"), learning_rate=1e-2),
+                      log=lambda m: None)
+    before = trainer.pipe.unet.state
+    trainer.run()
+    folder = tmp_path / "run" / "samples" / "0000002"
+    files = sorted(p.name for p in folder.glob("*.png"))
+    assert files == ["000.png", "001.png"]
+    assert "Steps: 2" in read_infotext(folder / "000.png")
+    assert trainer.pipe.unet.state is before  # the pipeline itself keeps its weights
+    untrained = trainer.pipe.generate("a red circle", steps=2, seed=trainer.cfg.seed, width=32, height=32)
+    sample = np.asarray(Image.open(folder / "000.png"), np.float32)
+    assert np.abs(sample - np.asarray(untrained.images[0], np.float32)).max() > 1  # trained weights differ

@@ -10,6 +10,7 @@ is the last good one; non-finite weights are never exported.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -230,7 +231,7 @@ class Trainer:
             return
         from sdjax.images import save_png
 
-        pipe = self.pipe.with_states(**{k: v for k, v in self.trained_states().items()})
+        pipe = _with_states(self.pipe, self.trained_states())
         folder = self.out / "samples" / f"{self.step:07d}"
         folder.mkdir(parents=True, exist_ok=True)
         for i, prompt in enumerate(self.cfg.sample_prompts):
@@ -256,3 +257,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, export_dtype: str | None =
     trainer.run(progress=progress)
     trainer.exported = trainer.export(dtype=export_dtype)
     return trainer
+
+
+def _with_states(pipe, states: dict):
+    """A shallow copy of `pipe` whose components in `states` ({"unet": state, ...}) use those
+    weights (same graphs, so the same compiled functions); nothing of `pipe` changes, and its
+    per-pipeline caches (placed weights, loaded networks) are not carried over."""
+    new = copy.copy(pipe)
+    new.__dict__ = {k: v for k, v in pipe.__dict__.items() if not k.startswith("_")}
+    for name, state in states.items():
+        component = copy.copy(getattr(pipe, name))
+        component.state = state
+        setattr(new, name, component)
+    return new
