@@ -49,11 +49,16 @@ def _as_list(value, n: int, name: str) -> list:
 
 
 def _model_hash(pipe) -> str | None:
-    """A1111-style short hash (first 10 hex digits of SHA-256) of the UNet weight file(s)."""
+    """A1111-style short hash (first 10 hex digits of SHA-256): of a single-file checkpoint, the
+    whole file (A1111's "Model hash"); of a diffusers folder, the UNet weight file(s)."""
     cached = getattr(pipe, "_sdjax_model_hash", None)
     if cached is not None:
         return cached or None
-    files = sorted(p for p in (Path(pipe.model_dir) / "unet").glob("*") if p.suffix in (".safetensors", ".bin"))
+    model_path = Path(pipe.model_dir)
+    if model_path.is_file():  # a single-file checkpoint: A1111 hashes the whole file
+        files = [model_path]
+    else:
+        files = sorted(p for p in (model_path / "unet").glob("*") if p.suffix in (".safetensors", ".bin"))
     if not files:
         pipe._sdjax_model_hash = ""
         return None
@@ -362,7 +367,8 @@ def generate(
         params = {
             "Steps": steps, "Sampler": sampler_label, "Schedule type": schedule_label, "CFG scale": cfg_scale,
             "Seed": seeds[i], "Size": (width, height), "Model hash": _model_hash(pipe),
-            "Model": Path(pipe.model_dir).name,
+            # A1111 writes the checkpoint's name without its extension.
+            "Model": Path(pipe.model_dir).stem if Path(pipe.model_dir).is_file() else Path(pipe.model_dir).name,
             "Variation seed": None if subseeds is None else subseeds[i],
             "Variation seed strength": None if subseeds is None else subseed_strength,
             "Denoising strength": strength if task != "txt2img" else None, "Clip skip": clip_skip,
