@@ -422,7 +422,7 @@ def section_txt2img(b: Bench, pipe, configs, torch_models, tokenizer) -> dict:
         prompts, seeds = [PROMPT] * batch, list(range(batch))
         inputs = gen.inputs(prompts, a.size, a.steps, seeds)
         gen.compile(inputs)
-        compile_s = gen.compile_s[(inputs["noise"].shape, inputs["sigmas"].shape)]
+        compile_s = gen.compile_s[(inputs.noise.shape, inputs.sigmas.shape)]
         ts, (images, noise) = _median_time(lambda: gen(prompts, a.size, a.steps, seeds), _jax_sync, a.repeats)
         td = diff_max = diff_mean = None
         if dpipe is not None:
