@@ -24,7 +24,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 def default_reference() -> Path:
     """The SD 1.5 reference folder (configs + tokenizer): $SDJAX_REFERENCE/sd15, else the
     checkout's own reference/sd15 (the benchmarks run from a checkout, not an installed wheel)."""
-    root = os.environ.get("SDJAX_REFERENCE", Path(__file__).resolve().parents[1] / "reference")
+    root = os.environ.get("SDJAX_REFERENCE", Path(__file__).resolve().parents[2] / "reference")
     return Path(root) / "sd15"
 
 
