@@ -6,7 +6,7 @@
 `time` runs on simulated CPU devices (jax_num_cpu_devices): every "device" is a slice of the
 same CPU, so this measures the cost of sharding (padding, placement, partitioned programs),
 not a speedup; real accelerators each bring their own compute. Without --model it builds the
-tiny random test pipeline (tests/sdjax_tiny.py, needs the reference configs).
+tiny random model embedded in the package (sdjax/assets/tiny, the CLI's default).
 
 `memory` counts the parameters of SD 1.5 and SD 2.1 from the reference configs (our models
 built abstractly with nnx.eval_shape: shapes only, no weights) and prints bytes per device
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +39,7 @@ def bench_time(args) -> None:
 
     model = args.model
     if model is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from sdjax_tiny import write_tiny_folder
-
-        model = write_tiny_folder(Path(tempfile.mkdtemp()) / "tiny")
+        model = Path(sdjax.__file__).parent / "assets" / "tiny"
     pipe = sdjax.load_pipeline(model)
     kw = dict(steps=args.steps, width=args.size, height=args.size, sampler="euler", schedule="karras",
               batch_size=args.batch, seed=0)

@@ -196,7 +196,7 @@ def build(args, configs, dtype: str, with_torch: bool):
     """(torch models on torch's device or None, sdjax Pipeline with the same weights, tokenizer)."""
     from transformers import CLIPTokenizer
 
-    from sdjax import bench_parts as parts
+    from bench import parts
     from sdjax.models.kernels import Kernels
 
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(args.reference) / "tokenizer"))
@@ -230,7 +230,7 @@ def section_peak(b: Bench, with_torch: bool) -> float:
     tt = None
     if with_torch:
         import torch
-        from sdjax import bench_parts as parts
+        from bench import parts
         at, ct = (torch.from_numpy(m).to(parts.torch_dtype(dt)).to(_torch_device()) for m in (a, c))
         tt, _ = _median_time(lambda: torch.mm(at, ct), _torch_sync, 10)
     pj, pt = 2 * n**3 / tj / 1e12, (2 * n**3 / tt / 1e12 if tt else None)
@@ -293,7 +293,7 @@ def section_unet(b: Bench, pipe, configs, torch_models, peak: float) -> None:
         td = None
         if torch_models is not None:
             import torch
-            from sdjax import bench_parts as parts
+            from bench import parts
             dev, tdt = _torch_device(), parts.torch_dtype(b.args.dtype)
             xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev, tdt)
             tt, ct = torch.from_numpy(t).to(dev), torch.from_numpy(ctx).to(dev, tdt)
@@ -407,7 +407,7 @@ def _diffusers_latents(noise_nhwc, sigma0: float, dpipe):
 
 def section_txt2img(b: Bench, pipe, configs, torch_models, tokenizer) -> dict:
     import jax
-    from sdjax import bench_parts as parts
+    from bench import parts
     from sdjax import sampling
 
     a = b.args
@@ -422,7 +422,7 @@ def section_txt2img(b: Bench, pipe, configs, torch_models, tokenizer) -> dict:
         prompts, seeds = [PROMPT] * batch, list(range(batch))
         inputs = gen.inputs(prompts, a.size, a.steps, seeds)
         gen.compile(inputs)
-        compile_s = gen.compile_s[(inputs["noise"].shape, inputs["sigmas"].shape)]
+        compile_s = gen.compile_s[(inputs.noise.shape, inputs.sigmas.shape)]
         ts, (images, noise) = _median_time(lambda: gen(prompts, a.size, a.steps, seeds), _jax_sync, a.repeats)
         td = diff_max = diff_mean = None
         if dpipe is not None:
@@ -520,7 +520,7 @@ def ready_worker(spec: dict) -> dict:
     jax.config.update("jax_compilation_cache_dir", spec["cache_dir"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    from sdjax import bench_parts as parts
+    from bench import parts
     args = argparse.Namespace(reference=spec["reference"], attention=spec["attention"])
     configs = parts.reference_configs(Path(spec["reference"]), spec["quick"])
     _, pipe, _ = build(args, configs, spec["dtype"], with_torch=False)
@@ -543,7 +543,7 @@ def main(argv=None) -> int:
     # Both frameworks share the device: JAX takes 60% of its memory, torch the rest.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     if args.reference is None:
-        from sdjax import bench_parts as parts
+        from bench import parts
         args.reference = str(parts.default_reference())
     if args.ready_worker:
         print("RESULT " + json.dumps(ready_worker(json.loads(args.ready_worker))), flush=True)
@@ -559,7 +559,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-    from sdjax import bench_parts as parts
+    from bench import parts
     b = Bench(args)
     b.info = machine_info(args)
     print(json.dumps(b.info), flush=True)

@@ -6,7 +6,7 @@
     python scripts/benchmark.py --device gpu [--quick]       # on a GPU/TPU: scripts/bench_gpu.py
 
 Prints the machine and date, one line per measurement as it completes, a table, and last a line
-of ratios (sdjax's advantage, >1 = sdjax better). The library is `sdjax.bench`; see its
+of ratios (sdjax's advantage, >1 = sdjax better). The code is `scripts/bench/` (`bench.run`); see its
 docstring for what each section measures and `--help` for the flags.
 """
 
@@ -22,6 +22,6 @@ if __name__ == "__main__":
         from bench_gpu import main as accelerator_main
 
         sys.exit(accelerator_main())
-    from sdjax.bench import main
+    from bench.run import main  # scripts/bench/, next to this file
 
     sys.exit(main())

@@ -13,7 +13,7 @@
 
 Errors in the input (sizes, strength, sampler names, model path, output folder) print one
 line on stderr and exit with status 2; nothing is written. Every number goes through
-`sdjax.limits.check_request` (the same check `Pipeline.generate` makes), with --max-pixels,
+`sdjax.pipeline.request.Request` (the same check `Pipeline.generate` makes), with --max-pixels,
 --max-steps and --max-batch-size to raise its limits. Existing files are never replaced
 (`--out FILE` needs --overwrite for that). SIGINT / SIGTERM stop the run after the current
 compiled call, leave no partial file, and exit with 130 / 143; a rerun resumes. JAX's persistent compilation
@@ -29,11 +29,19 @@ import random
 import sys
 from pathlib import Path
 
-from sdjax import runtime
+from sdjax import parallel, runtime
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
 from sdjax.errors import SdjaxError, UsageError
+from sdjax.images import escape_control, make_grid, read_infotext, save_png
+from sdjax.interrupt import Interrupted, handle_signals
+from sdjax.metadata import parse_infotext
 from sdjax.models.kernels import ATTENTION, CONV
+from sdjax.pipeline import batch
+from sdjax.pipeline.generator import model_hash
+from sdjax.pipeline.inpaint import to_pil_mask, to_pil_rgb
+from sdjax.pipeline.load import load_pipeline
+from sdjax.pipeline.request import Limits, Request, check_request
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
@@ -119,8 +127,6 @@ def add_parallel_flags(s: argparse.ArgumentParser) -> None:
 def start_distributed(o: dict) -> tuple[int, int]:
     """Start jax.distributed from the flags / environment when this is a multi-process run;
     returns (process index, process count), (0, 1) for a single process."""
-    from sdjax import parallel
-
     try:
         parallel.distributed_init(o.get("coordinator_address"), o.get("num_processes"), o.get("process_id"))
     except ValueError as e:
@@ -155,9 +161,6 @@ def _shared_seed(seed: int, count: int) -> int:
 
 
 def _from_png(path: str) -> dict:
-    from sdjax.images import read_infotext
-    from sdjax.metadata import parse_infotext
-
     text = read_infotext(path)
     if text is None:
         raise UsageError(f"{path} has no generation parameters")
@@ -192,8 +195,6 @@ def _options(args) -> dict:
 
 
 def _limits(o: dict):
-    from sdjax.limits import Limits
-
     given = {k: o[k] for k in ("max_pixels", "max_steps", "max_batch_size") if o.get(k) is not None}
     for k, v in given.items():
         if v < 1:
@@ -201,35 +202,36 @@ def _limits(o: dict):
     return Limits(**given)
 
 
-def _check_numbers(options: dict, limits, where: str = "") -> None:
-    """The generation layer's one check (`sdjax.limits.check_request`) on CLI / prompts-file values."""
-    from sdjax.limits import RequestError, check_request
+# CLI options that are fields of the same name of a generation `Request`.
+_REQUEST_OPTIONS = ("negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "batch_size", "width",
+                    "height", "subseed", "subseed_strength", "clip_skip")
 
-    names = ("steps", "cfg_scale", "seed", "batch_size", "width", "height", "subseed", "subseed_strength",
-             "clip_skip", "batch_count")
-    values = {k: options.get(k) for k in names}
-    if options.get("image") is not None or options.get("init_image") is not None:
-        values["strength"] = options.get("strength")
+
+def _check_request(options: dict, limits, where: str = "") -> Request:
+    """The `Request` that CLI / prompts-file options make, built (so checked) before the model
+    loads, exactly as `Pipeline.generate` builds it: one validation, one message for a bad value."""
+    kw = {k: options[k] for k in _REQUEST_OPTIONS if options.get(k) is not None}
+    image = options.get("image") if options.get("image") is not None else options.get("init_image")
+    if image is not None:
+        kw["init_image"] = image
+        if options.get("strength") is not None:
+            kw["strength"] = options["strength"]
     knobs = {k: options[k] for k in ("eta",) if options.get(k) is not None}
     try:
-        check_request(**values, knobs=knobs, limits=limits)
-    except RequestError as e:
+        check_request(batch_count=options.get("batch_count"))  # a CLI option, not part of a request
+        return Request(options.get("prompt", ""), **kw, knobs=knobs, limits=limits)
+    except SdjaxError as e:
         raise UsageError(f"{where}{e}") from None
 
 
 def _validate(o: dict, command: str) -> None:
-    from sdjax.sampling import resolve
-
     if "prompt" not in o and not o.get("prompts_file"):
         raise UsageError("no prompt: give PROMPT, --prompt, --prompts-file or --from-png")
-    _check_numbers(o, _limits(o))
-    resolve(o["sampler"], o["schedule"])
+    _check_request(o, _limits(o))
     if command == "generate" and o.get("image") is None and o["strength"] != DEFAULTS["strength"] \
             and "strength" in o.get("_explicit", ()):
         raise UsageError("--strength needs an init image (use sdjax img2img)")
     if o.get("image") is not None:
-        from sdjax.tasks import to_pil_mask, to_pil_rgb
-
         image = to_pil_rgb(o["image"])
         if o.get("mask") is not None:
             mask = to_pil_mask(o["mask"])
@@ -273,8 +275,6 @@ def _generate_kwargs(o: dict, command: str) -> dict:
 
 
 def _run(args) -> int:
-    from sdjax import batch
-
     o = _options(args)
     o["_explicit"] = {k for k, v in vars(args).items() if v is not None}
     if o["seed"] == -1:
@@ -297,7 +297,7 @@ def _run(args) -> int:
     limits = _limits(o)
     for number, line_options in entries:  # prompts-file lines: checked before the model loads
         merged = {**o, **line_options}
-        _check_numbers(merged, limits, f"{o['prompts_file']} line {number}: " if o.get("prompts_file") else "")
+        _check_request(merged, limits, f"{o['prompts_file']} line {number}: " if o.get("prompts_file") else "")
     device_kw = _device_kwargs(o)
     runtime.configure(compilation_cache=runtime.default_cache_dir())
     host, hosts = start_distributed(o)
@@ -306,14 +306,10 @@ def _run(args) -> int:
     o["seed"] = _shared_seed(o["seed"], hosts)
     if "seed" in defaults:  # the plan must use process 0's seed on every process
         defaults["seed"] = o["seed"]
-    import sdjax
-
-    from sdjax.generate import _model_hash
-
-    pipe = sdjax.load_pipeline(model, o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
+    pipe = load_pipeline(model, o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
     defaults.update(device_kw)
     defaults["limits"] = limits
-    identity = f"{_model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"
+    identity = f"{model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"
     all_jobs = batch.plan(entries, defaults, o["batch_count"], identity)
     if single_file:
         n = sum(len(j.names) for j in all_jobs)
@@ -343,8 +339,6 @@ def _run(args) -> int:
         for job in jobs:
             result = generate(**job.options)
             for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
-                from sdjax.images import save_png
-
                 target = targets[len(paths)]
                 try:
                     paths.append(save_png(image, target, info, exclusive=not o.get("overwrite")))
@@ -374,13 +368,9 @@ def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
     if grid and host == 0:
         from PIL import Image
 
-        from sdjax.images import make_grid, save_png
-
-        from sdjax.batch import grid_name
-
         paths = [out / n for job in all_jobs for n in job.names]
         if all(p.exists() for p in paths):  # else the folder is not shared between hosts
-            save_png(make_grid([Image.open(p) for p in paths]), out / grid_name(paths))
+            save_png(make_grid([Image.open(p) for p in paths]), out / batch.grid_name(paths))
 
 
 def _step_bar(bar, kw):
@@ -395,8 +385,6 @@ def _step_bar(bar, kw):
 
 
 def _info(args) -> int:
-    from sdjax.images import escape_control, read_infotext
-
     text = read_infotext(args.image)
     if text is None:
         raise UsageError(f"{args.image} has no generation parameters")
@@ -418,8 +406,6 @@ def _quiet_third_party() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdjax` script; returns the exit status (2 for input errors)."""
-    from sdjax.interrupt import Interrupted, handle_signals
-
     args = _parser().parse_args(argv)
     runtime.configure()  # XLA flags, before JAX starts; each command enables the cache itself
     _quiet_third_party()

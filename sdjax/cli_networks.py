@@ -18,6 +18,9 @@ import argparse
 from pathlib import Path
 
 from sdjax.errors import NetworkUsageError, SdjaxError
+from sdjax.pipeline.control import ControlNetUnit
+from sdjax.pipeline.networks import parse_lora_arg
+from sdjax.weights import single_file
 
 
 def add_network_arguments(s: argparse.ArgumentParser) -> None:
@@ -56,14 +59,10 @@ def _per_unit(values, n: int, default, flag: str) -> list:
 
 def network_kwargs(o: dict) -> dict:
     """`Pipeline.generate` keyword arguments from the parsed options `o` (flags as dict keys)."""
-    from sdjax.control import ControlNetUnit
-
     kw: dict = {}
     if o.get("lora_dir"):
         kw["lora_dir"] = o["lora_dir"]
     if o.get("lora"):
-        from sdjax.networks import parse_lora_arg
-
         for item in o["lora"]:
             parse_lora_arg(item)  # a bad multiplier is refused before the model loads
         kw["loras"] = list(o["lora"])
@@ -118,8 +117,6 @@ def add_convert_parser(sub) -> None:
 
 def run_convert(args) -> int:
     """`sdjax convert SRC DST`: prints DST; exit 2 (via SdjaxError) on bad input."""
-    from sdjax.weights import single_file
-
     src, dst = Path(args.src), Path(args.dst)
     if not src.exists():
         raise NetworkUsageError(f"{src} does not exist")

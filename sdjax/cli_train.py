@@ -25,6 +25,8 @@ from pathlib import Path
 
 from sdjax import runtime
 from sdjax.errors import ConfigError
+from sdjax.train.config import TrainConfig
+from sdjax.train.trainer import train
 
 
 def add_train_parser(sub) -> None:
@@ -58,7 +60,6 @@ def parse_overrides(items: list[str]) -> dict:
 
 def load_config(path: str | Path, overrides: dict):
     """The TrainConfig of a run: the JSON file with `overrides` applied (ConfigError on any problem)."""
-    from sdjax.train.config import TrainConfig
 
     try:
         d = json.loads(Path(path).read_text())
@@ -82,7 +83,6 @@ def run_train(args) -> int:
         raise ConfigError(f"output_dir {cfg.output_dir} already has checkpoints (steps {', '.join(existing)}); "
                           "resume with --resume, or choose a new output_dir")
 
-    from sdjax.train.trainer import train
 
     runtime.configure(compilation_cache=runtime.default_cache_dir())
     show = args.progress if args.progress is not None else sys.stderr.isatty()

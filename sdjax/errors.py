@@ -59,7 +59,7 @@ class DatasetError(SdjaxError, ValueError):
 
 
 class RequestError(TaskError):
-    """A generation request with a value out of range or of the wrong type (`sdjax.limits`)."""
+    """A generation request with a value out of range or of the wrong type (`sdjax.pipeline.request`)."""
 
 
 class NonFiniteError(TaskError):

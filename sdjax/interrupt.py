@@ -3,7 +3,7 @@
 `handle_signals()` (used by the CLI's `main`) makes both signals raise `Interrupted` (a
 KeyboardInterrupt carrying the signal number) in the main thread. A compiled JAX call cannot
 be stopped half-way, so the exception arrives when the current call returns to Python: a
-generate call is bounded by `sdjax.limits` (steps, pixels, batch size), so that is seconds
+generate call is bounded by `sdjax.pipeline.request.Limits` (steps, pixels, batch size), so that is seconds
 for ordinary requests. Inside `critical()` (an image file and its manifest record) the
 signal is held and raised when the block ends, so a stopped run leaves every image with its
 record, or neither. Exit status: 128 + the signal number (130 for SIGINT, 143 for SIGTERM).

@@ -146,7 +146,7 @@ def device_mesh(devices: int | str | None = None, fsdp: int = 1) -> Mesh | None:
     the fsdp axis (weights sharded over them), the rest the data axis.
 
     Local devices only: in a multi-host run every host generates its own share of the images
-    on its own devices (`sdjax.batch.host_share`), so hosts never wait on each other.
+    on its own devices (`sdjax.pipeline.batch.host_share`), so hosts never wait on each other.
     """
     if devices is None or devices == 1 or devices == "1":
         if fsdp not in (None, 1):

@@ -79,7 +79,7 @@ def test_flop_count_of_the_plain_unet():
     # The count that gives TFLOP/s: the plain formulation, lowered for the CPU, > 0 and linear in batch.
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_gpu
-    from sdjax import bench_parts as parts
+    from bench import parts
 
     args = bench_gpu.parse_args(["--quick", "--reference", str(ROOT / "reference" / "sd15")])
     configs = parts.reference_configs(Path(args.reference), tiny=True)

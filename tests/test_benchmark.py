@@ -73,7 +73,8 @@ def test_levers_flag_runs_every_lever_in_a_full_plan():
     the flag once shared that name and set it to True, which ran only the smoke subset."""
     import argparse
 
-    from sdjax import bench
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench.run as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
@@ -88,7 +89,9 @@ def test_unet_flops_count_the_plain_formulation(monkeypatch):
     count behind 'UNet achieved' must not depend on sdjax's CPU forms."""
     import jax
 
-    from sdjax import bench_report, bench_sections
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import report as bench_report
+    from bench import sections as bench_sections
     from sdjax.models import layers
 
     def counts():

@@ -3,7 +3,7 @@ folder and original single-file loading, Canny and the per-step scale rule.
 
 The tiny ControlNet is diffusers' `ControlNetModel.from_unet` of the SD 1.5 reference UNet
 config shrunk in width, with every parameter perturbed (so no zero conv is zero), saved
-with `save_pretrained` and loaded by `sdjax.controlnet.load_controlnet`.
+with `save_pretrained` and loaded by `sdjax.pipeline.control.load_controlnet`.
 """
 
 import json
@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from conftest import reference
-from sdjax.controlnet import (canny, controlnet_keep, controlnet_step_scales, load_controlnet,
+from sdjax.pipeline.control import (canny, controlnet_keep, controlnet_step_scales, load_controlnet,
                               prepare_control_image, scale_at)
 from sdjax.errors import CheckpointError, ConfigError
 from sdjax.models.controlnet import ControlNetConfig, guess_mode_scales, sum_residuals
-from sdjax.pipeline import _pure
+from sdjax.pipeline.components import _pure
 from sdjax.weights import controlnet_files as cf
 from sdjax.weights.mapping import export_state
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import sdjax
-from sdjax.control import ControlNetUnit, record_scales
-from sdjax.controlnet import controlnet_keep
+from sdjax.pipeline.control import ControlNetUnit, record_scales
+from sdjax.pipeline.control import controlnet_keep
 from sdjax.metadata import parse_infotext
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_diffusers_pipeline, perturb

@@ -8,11 +8,16 @@ which frees each after its layer. Without it bf16 SD 1.5 at 512x512 needed
 """
 
 import os
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from sdjax import bench_parts, runtime
+from sdjax import runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the benchmark lives in scripts/bench/
+from bench import parts as bench_parts  # noqa: E402
 
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 

@@ -1,5 +1,5 @@
 """Every error class sdjax raises lives in `sdjax.errors`, and the places that defined them
-before still export them (`from sdjax.tasks import TaskError` keeps working)."""
+before still export them (`from sdjax.pipeline.inpaint import TaskError` works)."""
 
 import ast
 import importlib
@@ -13,10 +13,10 @@ PACKAGE = Path(errors.__file__).parent
 
 # Old import paths, kept by re-export.
 OLD_PATHS = [("sdjax.cli", "UsageError"), ("sdjax.cli_networks", "NetworkUsageError"),
-             ("sdjax.tasks", "TaskError"), ("sdjax.prompts.emphasis", "PromptError"),
+             ("sdjax.pipeline.inpaint", "TaskError"), ("sdjax.prompts.emphasis", "PromptError"),
              ("sdjax.prompts", "PromptError"), ("sdjax.sampling.names", "UnknownNameError"),
              ("sdjax.sampling", "UnknownNameError"), ("sdjax.images", "ImageError"),
-             ("sdjax.metadata", "InfotextError"), ("sdjax.batch", "BatchError"),
+             ("sdjax.metadata", "InfotextError"), ("sdjax.pipeline.batch", "BatchError"),
              ("sdjax.data.datasets", "DatasetError"), ("sdjax.data", "DatasetError")]
 
 

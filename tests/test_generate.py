@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import sdjax
-from sdjax import generation
-from sdjax.generate import encode_prompts
+from sdjax.pipeline import core as generation
+from sdjax.pipeline.generator import encode_prompts
 from sdjax.metadata import parse_infotext
 from sdjax.sampling.samplers import SAMPLERS, sample
 from sdjax_tiny import write_tiny_folder

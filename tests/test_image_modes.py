@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sdjax.images import append_jsonl, escape_control, load_image, load_mask, read_jsonl, save_png, to_rgb
-from sdjax.tasks import to_pil_mask, to_pil_rgb
+from sdjax.pipeline.inpaint import to_pil_mask, to_pil_rgb
 
 
 def test_16bit_grey_png_keeps_its_grey_level(tmp_path):

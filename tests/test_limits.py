@@ -1,4 +1,4 @@
-"""Every number of a request checked once (`sdjax.limits.check_request`, used by Pipeline.generate
+"""Every number of a request checked once (`sdjax.pipeline.request.check_request`, used by Pipeline.generate
 and the CLI), and NaN/inf decodes retried in float32 once, then refused (issue #21)."""
 
 import math
@@ -12,8 +12,8 @@ from flax import nnx
 
 import sdjax
 from sdjax.cli import EMBEDDED_MODEL
-from sdjax.generate import NonFiniteError
-from sdjax.limits import SEED_MAX, Limits, RequestError, check_request
+from sdjax.errors import NonFiniteError
+from sdjax.pipeline.request import SEED_MAX, Limits, RequestError, check_request
 
 KW = dict(steps=2, sampler="euler", schedule="karras")
 

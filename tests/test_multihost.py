@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax import batch
+from sdjax.pipeline import batch
 from sdjax.images import read_infotext
 from sdjax_tiny import write_tiny_folder
 

@@ -1,4 +1,4 @@
-"""LoRAs and textual-inversion embeddings in `Pipeline.generate` (sdjax.networks).
+"""LoRAs and textual-inversion embeddings in `Pipeline.generate` (sdjax.pipeline.networks).
 
 A `<lora:name:m>` tag must change the output exactly as merging the LoRA by hand does, leave
 the pipeline's weights untouched, not recompile when the multiplier changes, and put A1111's
@@ -15,11 +15,12 @@ import torch
 from safetensors.numpy import save_file
 
 import sdjax
-from sdjax import generation, sampling
+from sdjax import sampling
+from sdjax.pipeline import core as generation
 from sdjax.errors import CheckpointError
-from sdjax.generate import discrete_model, encode_prompts
+from sdjax.pipeline.generator import discrete_model, encode_prompts
 from sdjax.metadata import parse_hashes, parse_infotext
-from sdjax.networks import apply_networks
+from sdjax.pipeline.networks import apply_networks
 from sdjax.weights import lora as lora_lib
 from sdjax_tiny import build_diffusers_pipeline
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import sdjax
-from sdjax.generate import img2img_start
+from sdjax.pipeline.generator import img2img_start
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_diffusers_pipeline
 

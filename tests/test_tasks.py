@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax import tasks
+from sdjax.pipeline import inpaint as tasks
 
 
 def test_crop_region_and_expand():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sdjax.data.synthetic import DEFAULT_CONFIG, PALETTE, POSITIONS, SIZES, SyntheticConfig
+from sdjax.data.synthetic import DEFAULT_CONFIG, PALETTE, POSITIONS, SIZES, SyntheticConfig, sample
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 
@@ -251,7 +251,6 @@ def evaluation_prompts(n: int, seed: int = 0, config: SyntheticConfig = DEFAULT_
     Each: {"caption", "attributes", "split": "seen" | "heldout", "seed": int (for the
     generator's noise)}. Deterministic in (n, seed, config).
     """
-    from sdjax.data.synthetic import sample
 
     out = []
     for i in range(n):

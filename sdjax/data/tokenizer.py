@@ -26,6 +26,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
+from sdjax.data.synthetic import SyntheticConfig, caption_vocabulary, sample
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 SUFFIX = "</w>"
@@ -134,7 +135,6 @@ def load_clip_tokenizer(folder: str | Path) -> Tokenizer:
 
 def default_corpus(num_captions: int = 2000, seed: int = 0) -> list[str]:
     """Captions of both synthetic splits (single and two-shape) plus each vocabulary word."""
-    from sdjax.data.synthetic import SyntheticConfig, caption_vocabulary, sample
 
     config = SyntheticConfig(two_shape_prob=0.3, two_shape_positions=True)
     texts = [sample(seed, i, split, config)[1] for split in ("train", "heldout")

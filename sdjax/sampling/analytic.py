@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import jax
 import jax.numpy as jnp
+from sdjax.sampling.samplers import sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,6 @@ def convergence(name: str, problem, steps_list, *, batch: int = 32, event_shape=
     measured at sigma_min against the exact flow of `problem` (RMS over all elements).
     NFE is counted from the denoiser calls actually made.
     """
-    from sdjax.sampling.samplers import sample
 
     event_shape = tuple(getattr(problem, "means", np.zeros((1,) + tuple(event_shape))).shape[1:])
     nfes, errors = [], []

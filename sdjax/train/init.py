@@ -8,6 +8,11 @@ that `load_pipeline` and diffusers both read.
 from __future__ import annotations
 
 from pathlib import Path
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.weights import export
+from sdjax.weights.mapping import export_state
 
 
 def init_pipeline_folder(out_dir: str | Path, spec: dict, tokenizer_dir: str | Path, seed: int = 0) -> Path:
@@ -20,11 +25,6 @@ def init_pipeline_folder(out_dir: str | Path, spec: dict, tokenizer_dir: str | P
     from flax import nnx
     from transformers import CLIPTokenizer
 
-    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-    from sdjax.models.vae import AutoencoderKL, VAEConfig
-    from sdjax.weights import export
-    from sdjax.weights.mapping import export_state
 
     out_dir = Path(out_dir)
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))

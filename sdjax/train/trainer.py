@@ -23,23 +23,25 @@ import numpy as np
 from flax import nnx
 
 from sdjax import parallel
+from sdjax.data.datasets import CaptionLoader, open_dataset
 from sdjax.errors import NonFiniteLossError, SdjaxError
+from sdjax.images import save_png
 from sdjax.models.layers import apply_kernels
-from sdjax.train import lora as lora_lib
-from sdjax.train import step as train_step_lib
+from sdjax.pipeline import load_pipeline
+from sdjax.pipeline.generator import Generator
+from sdjax.sampling import DiscreteModel
+from sdjax.train import lora as lora_lib, step as train_step_lib
 from sdjax.train.checkpoint import Checkpointer
 from sdjax.train.config import TrainConfig
 from sdjax.train.logs import MetricsLog, plot_loss
+from sdjax.weights.diffusers import abstract_model
+from sdjax.weights.export import save_pipeline
 
 
 class Trainer:
     """Holds the models, data and jitted step of one run. `run()` trains to cfg.max_steps."""
 
     def __init__(self, cfg: TrainConfig, *, dataset=None, mesh=None, log: Callable[[str], None] = print):
-        from sdjax.data.datasets import CaptionLoader, open_dataset  # heavy imports stay lazy
-        from sdjax.pipeline import load_pipeline
-        from sdjax.sampling import DiscreteModel
-
         self.cfg = cfg
         self.log = log
         self.out = Path(cfg.output_dir)
@@ -125,7 +127,6 @@ class Trainer:
     def _graphdef(component, compute_dtype):
         """The component's graph with `compute_dtype` compute, float32 parameters and the
         component's attention / conv implementations."""
-        from sdjax.weights.diffusers import abstract_model
 
         cls, config = type(nnx.merge(component.graphdef, component.state)), component.config
         model = abstract_model(cls, config, compute_dtype, param_dtype=jnp.float32)
@@ -199,7 +200,6 @@ class Trainer:
     def export(self, out_dir: str | Path | None = None, *, dtype: str | None = None,
                use_ema: bool = True) -> Path:
         """Write the trained model as a diffusers folder (safetensors) that diffusers loads."""
-        from sdjax.weights.export import save_pipeline
 
         if self.lora is not None:
             return self.export_lora(out_dir, dtype=dtype, use_ema=use_ema)
@@ -229,7 +229,6 @@ class Trainer:
         """Images for cfg.sample_prompts with the current weights, under `samples/<step>/`."""
         if not self.cfg.sample_prompts:
             return
-        from sdjax.images import save_png
 
         pipe = _with_states(self.pipe, self.trained_states())
         folder = self.out / "samples" / f"{self.step:07d}"
@@ -264,9 +263,9 @@ def _with_states(pipe, states: dict):
     weights (same graphs, so the same compiled functions); nothing of `pipe` changes, and its
     per-pipeline caches (placed weights, loaded networks) are not carried over."""
     new = copy.copy(pipe)
-    new.__dict__ = {k: v for k, v in pipe.__dict__.items() if not k.startswith("_")}
     for name, state in states.items():
         component = copy.copy(getattr(pipe, name))
         component.state = state
         setattr(new, name, component)
+    new.generator = Generator(new)  # its own caches: the placed weights must be the new ones
     return new

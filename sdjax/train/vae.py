@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sdjax.data.datasets import CaptionLoader
 from sdjax.train.checkpoint import Checkpointer
 
 
@@ -40,7 +41,6 @@ def train_vae(vae_component, dataset, out_dir: str | Path, *, steps: int, batch_
     Returns (trained state, recommended scaling_factor = 1 / std of the latent means).
     Resumes from `<out_dir>/checkpoints` if present.
     """
-    from sdjax.data.datasets import CaptionLoader
 
     graphdef, params = vae_component.graphdef, vae_component.state
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10 + 1), steps,

@@ -1,7 +1,6 @@
 """ControlNet weight files -> `sdjax.models.controlnet.ControlNetModel` with its weights.
 
 Two layouts:
-
   diffusers folder   config.json + diffusion_pytorch_model[.fp16].safetensors | .bin | shards
                      (`ControlNetModel.save_pretrained`); names are the module paths.
   original file      lllyasviel's `control_sd15_*.pth`, `control_v11*_sd15_*.pth/.safetensors`,
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import CheckpointError, ConfigError
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.weights import ldm
 from sdjax.weights.diffusers import abstract_model, read_json
 from sdjax.weights.files import read_component_weights, read_weight_file
@@ -172,8 +172,6 @@ def _read_config_arg(config: Any) -> dict[str, Any] | None:
 
 
 def _parse(raw: dict[str, Any], where: str):
-    from sdjax.models.controlnet import ControlNetConfig  # models load only when needed
-
     try:
         return ControlNetConfig.from_dict(raw)
     except ConfigError as e:
@@ -236,7 +234,6 @@ def load_controlnet_model(
     -> Sharding` per parameter. The model is built with `nnx.eval_shape` (no random init);
     missing, unexpected or mis-shaped tensors raise `CheckpointError` naming them.
     """
-    from sdjax.models.controlnet import ControlNetModel
 
     flat, raw, source = read_controlnet(path, config=config, variant=variant)
     cfg = _parse(raw, str(source) if config is None else "the config= given")

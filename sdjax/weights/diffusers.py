@@ -1,7 +1,6 @@
 """diffusers-format checkpoint folders -> sdjax models with their weights.
 
 A folder as written by `StableDiffusionPipeline.save_pretrained`:
-
     model_index.json              component name -> [library, class]
     unet/config.json + diffusion_pytorch_model[.fp16].safetensors | .bin | sharded index
     vae/config.json  + diffusion_pytorch_model...
@@ -26,6 +25,9 @@ import numpy as np
 from flax import nnx
 
 from sdjax.errors import CheckpointError, ConfigError
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.weights import names
 from sdjax.weights.files import read_component_weights
 from sdjax.weights.mapping import load_state
@@ -104,13 +106,10 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
 def _table_entry(kind: str):
     # Imported on use: loading one component must not import models it does not need.
     if kind == "unet":
-        from sdjax.models.unet import UNet2DConditionModel, UNetConfig
         return UNetConfig, UNet2DConditionModel, names.unet
     if kind == "vae":
-        from sdjax.models.vae import AutoencoderKL, VAEConfig
         return VAEConfig, AutoencoderKL, names.vae
     if kind == "text_encoder":
-        from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
         return CLIPTextConfig, CLIPTextModel, names.clip_text
     raise ValueError(f"unknown component kind {kind!r}; expected unet, vae or text_encoder")
 

@@ -30,6 +30,8 @@ import numpy as np
 from flax import nnx
 
 from sdjax.errors import CheckpointError
+from sdjax.weights.files import read_safetensors
+from sdjax.weights.pickle_safe import load_torch_file
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,8 @@ def read_embedding(path: str | os.PathLike, name: str | None = None, *, hidden_s
     if not path.is_file():
         raise CheckpointError(f"embedding file {path} does not exist")
     if path.suffix == ".safetensors":
-        from sdjax.weights.files import read_safetensors
         obj: Any = read_safetensors(path)
     elif path.suffix in (".pt", ".bin", ".pth", ".ckpt"):
-        from sdjax.weights.pickle_safe import load_torch_file
         obj = load_torch_file(path)
         if isinstance(obj, np.ndarray):
             obj = {"*": obj}

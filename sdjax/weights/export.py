@@ -17,6 +17,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+from sdjax.weights.mapping import export_state
 
 # Weight file name of each component in a diffusers folder.
 WEIGHT_FILES = {
@@ -116,7 +117,6 @@ def save_pipeline(pipe, out_dir: str | Path, *, dtype: str | None = None, unet_s
     """
     from flax import nnx
 
-    from sdjax.weights.mapping import export_state
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

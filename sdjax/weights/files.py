@@ -26,6 +26,7 @@ import ml_dtypes
 import numpy as np
 
 from sdjax.errors import CheckpointError
+from sdjax.weights.pickle_safe import load_torch_file
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -136,7 +137,6 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
     asks for anything but tensors and plain containers raises `UnsafePickleError`.
     A top-level `{"state_dict": {...}}` wrapper is unwrapped.
     """
-    from sdjax.weights.pickle_safe import load_torch_file
 
     path = Path(path)
     obj = load_torch_file(path)

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.errors import CheckpointError
+from sdjax.weights.files import read_weight_file
 from sdjax.weights.mapping import to_jax_layout
 
 COMPONENTS = ("unet", "text_encoder")
@@ -147,7 +148,6 @@ def parse_lora(flat: Mapping[str, Any], name: str = "lora", strict: bool = True)
 def read_lora(path: str | os.PathLike, name: str | None = None, strict: bool = True) -> LoRA:
     """A LoRA file (`.safetensors`, or `.pt`/`.bin`/`.ckpt` through the restricted unpickler) -> LoRA.
     name defaults to the file stem (the name `<lora:NAME:0.8>` prompt tags use)."""
-    from sdjax.weights.files import read_weight_file
 
     path = Path(path)
     return parse_lora(read_weight_file(path), name or path.stem, strict)

@@ -33,7 +33,14 @@ import ml_dtypes
 import numpy as np
 
 from sdjax.errors import CheckpointError, ConfigError
-from sdjax.weights import ldm
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.models.vae import AutoencoderKL, VAEConfig
+from sdjax.weights import export, ldm, names
+from sdjax.weights.diffusers import abstract_model
+from sdjax.weights.files import read_component_weights, read_safetensors, read_safetensors_header
+from sdjax.weights.mapping import load_state
+from sdjax.weights.pickle_safe import load_torch_file
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -81,13 +88,10 @@ def read_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
     if path.suffix == ".safetensors":
-        from sdjax.weights.files import read_safetensors, read_safetensors_header
-
         header, _ = read_safetensors_header(path)
         return read_safetensors(path), {"metadata": header.get("__metadata__") or {}}
     if path.suffix not in _SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown single-file type {path.suffix!r} (expected .safetensors or .ckpt)")
-    from sdjax.weights.pickle_safe import load_torch_file
 
     obj = load_torch_file(path)
     extras: dict[str, Any] = {}
@@ -241,12 +245,6 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
     """
     import jax.numpy as jnp
 
-    from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
-    from sdjax.models.unet import UNet2DConditionModel, UNetConfig
-    from sdjax.models.vae import AutoencoderKL, VAEConfig
-    from sdjax.weights import names
-    from sdjax.weights.diffusers import abstract_model
-    from sdjax.weights.mapping import load_state
 
     dtype = jnp.dtype(dtype)
     ckpt = read_single_file(path, prediction_type=prediction_type, config_dir=config_dir, prefer_ema=prefer_ema)
@@ -281,7 +279,6 @@ def convert_single_file_to_diffusers(src: str | os.PathLike, dst: str | os.PathL
 
     Values are copied bit-exactly unless `dtype` ("float16", "bfloat16", "float32") is given.
     """
-    from sdjax.weights import export
 
     ckpt = read_single_file(src, prediction_type=prediction_type, config_dir=config_dir, prefer_ema=prefer_ema)
     dst = Path(dst)
@@ -311,8 +308,6 @@ def convert_diffusers_to_single_file(src: str | os.PathLike, dst: str | os.PathL
     """
     from safetensors.numpy import save_file
 
-    from sdjax.weights import names
-    from sdjax.weights.files import read_component_weights
 
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":

@@ -1,4 +1,11 @@
-"""One check for every number of a generation request, used by `Pipeline.generate` and the CLI.
+"""A generation request as data (`Request`), validated once, where it is made.
+
+`Request(prompt, ...)` is txt2img; with `init_image` img2img; with `init_image` and `mask`
+inpainting (outpainting is inpainting on an extended canvas, `sdjax.pipeline.inpaint`). It is
+frozen and checks itself when made: `Pipeline.generate`, the CLI (before any model loads) and
+the batch runner (through `Pipeline.generate`) all build one, so every bad value gives the same
+message whichever way it came in. The generator fills in what depends on the model (the size)
+with `Request.sized`, which checks again.
 
 `check_request(...)` is a pure function of the request's values: it raises `RequestError`
 (a `TaskError`, so an `SdjaxError`: exit 2 in the CLI) naming the value and the fix, and
@@ -20,9 +27,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from sdjax.errors import RequestError, TaskError  # noqa: F401  (RequestError: old import path)
+from sdjax import sampling
+from sdjax.errors import RequestError, TaskError
 
 SEED_MAX = 2**32 - 1
 
@@ -108,4 +116,85 @@ def check_request(*, steps: Any = None, cfg_scale: Any = None, seed: Any = None,
             _float(name, v)
 
 
-__all__ = ["Limits", "RequestError", "SEED_MAX", "check_request"]
+# Sampler knobs that choose code paths (static in the compiled function) and the numeric ones (traced).
+STATIC_KNOBS = ("order", "solver_type", "lower_order_final")
+NUMERIC_KNOBS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax", "r")
+TASKS = ("txt2img", "img2img", "inpaint")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What to generate; see `Pipeline.generate` for the meaning of each field.
+
+    Validated in `__post_init__` (`check_request` on every number, the sampler and schedule
+    names, the knob names, a mask without an init image); raises RequestError / TaskError /
+    UnknownNameError, all `SdjaxError`s. `batch_size` None becomes one image per prompt when
+    `prompt` is a list (as diffusers), else 1. width / height None: filled in by the generator
+    (the init image's size, else the model's own) through `sized`.
+    knobs: sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r; order, solver_type,
+    lower_order_final pick code paths).
+    """
+
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] = ""
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    schedule: str | None = "karras"
+    cfg_scale: float = 7.0
+    seed: int = 0
+    width: int | None = None
+    height: int | None = None
+    batch_size: int | None = None
+    init_image: Any = None
+    strength: float = 0.75
+    mask: Any = None
+    noise: Any = None
+    subseed: int | None = None
+    subseed_strength: float = 0.0
+    clip_skip: int = 1
+    mask_blur: float = 4
+    inpainting_fill: str = "original"
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = 32
+    paste_back: bool = True
+    sigmas: Any = None
+    timestep_mode: str = "continuous"
+    extra_params: Mapping[str, Any] | None = None
+    lora_dir: Any = None
+    loras: Sequence[Any] | None = None
+    lora_strict: bool = True
+    embeddings: Sequence[Any] | None = None
+    embeddings_dir: Any = None
+    controlnets: Sequence[Any] | None = None
+    knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    limits: Limits | None = None
+
+    def __post_init__(self):
+        check_request(steps=self.steps if self.sigmas is None else None, cfg_scale=self.cfg_scale,
+                      seed=self.seed, batch_size=self.batch_size, width=self.width, height=self.height,
+                      strength=self.strength if self.init_image is not None else None, subseed=self.subseed,
+                      subseed_strength=self.subseed_strength, clip_skip=self.clip_skip, knobs=self.knobs,
+                      limits=self.limits)
+        sampling.resolve(self.sampler, self.schedule)
+        bad = sorted(set(self.knobs) - {*NUMERIC_KNOBS, *STATIC_KNOBS})
+        if bad:
+            raise TaskError(f"unknown generation option(s) {bad}")
+        if self.batch_size is None:  # diffusers: a list of prompts is a batch of that many images
+            n = len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1
+            check_request(batch_size=n, seed=self.seed, subseed=self.subseed, limits=self.limits)
+            object.__setattr__(self, "batch_size", n)
+        if self.init_image is None and self.mask is not None:
+            raise TaskError("a mask needs an init image")
+
+    @property
+    def task(self) -> str:
+        """"txt2img", "img2img" or "inpaint"."""
+        return "txt2img" if self.init_image is None else ("img2img" if self.mask is None else "inpaint")
+
+    def sized(self, width: int, height: int) -> "Request":
+        """This request with its size filled in, checked again (pixels within the limit)."""
+        return dataclasses.replace(self, width=width, height=height)
+
+
+__all__ = ["Limits", "NUMERIC_KNOBS", "Request", "RequestError", "SEED_MAX", "STATIC_KNOBS", "TASKS",
+           "check_request"]

@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from sdjax.errors import BatchError, SdjaxError
 from sdjax.images import append_jsonl, make_grid, read_infotext, read_jsonl, save_png
+from sdjax.interrupt import critical
 
 MANIFEST = "manifest.jsonl"
 
@@ -211,8 +212,6 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
     gets one record per image: file, line, seed, prompt, infotext. Images recorded in any
     host's manifest are not recorded again.
     """
-    from sdjax.interrupt import critical
-
     check_output_folder(out)
     recorded = {r.get("file") for r in read_manifests(out)}
     manifest = out / manifest

@@ -1,4 +1,5 @@
-"""The jitted heart of generation: noise from seeds, the guided denoiser, the sampler, the decode.
+"""The jitted heart of generation: noise from seeds, the guided denoiser, the ControlNet
+residuals hook, the sampler's scan, the decode. It knows nothing of files, prompts or requests.
 
 One compiled function per `Spec` (sampler, task, static knobs) and input shapes. Everything
 that changes between requests -- prompt embeddings, seeds (as noise and keys), guidance
@@ -20,9 +21,12 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sdjax import sampling
+from sdjax.models.controlnet import sum_residuals
+from sdjax.pipeline.inputs import Inputs
 
 TASKS = ("txt2img", "img2img", "inpaint")
 
@@ -86,9 +90,9 @@ class Spec:
     static_knobs: sampler knobs that pick code paths, as sorted (name, value) pairs;
     progress: stage the per-step host callback (only when a progress bar is shown);
     timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`);
-    controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.control`; their states, images
-    and per-step scales are the traced `inputs["control"]`); record_control: report the
-    ControlNet scales used at each evaluation (`sdjax.control.record_scales`).
+    controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.pipeline.control`; their states,
+    images and per-step scales are the traced `inputs.control`); record_control: report the
+    ControlNet scales used at each evaluation (`record_scales`).
     """
 
     sampler: str
@@ -135,50 +139,93 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond: jax.Arr
     return denoise
 
 
+def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax.Array:
+    """The per-step scale in force for a network evaluation at noise level `level` (traced).
+
+    levels: the sampler's decreasing schedule, (steps + 1,) sigmas ending in 0 (or the
+    matching UNet timesteps, if the caller sees timesteps: any decreasing map of sigma works).
+    Step i runs from levels[i] down to levels[i + 1]; an evaluation at a level in
+    (levels[i + 1], levels[i]] -- its start, or a Heun/DPM2 midpoint -- belongs to step i.
+    step_scales: (steps,) or (steps, n_controlnets), from `controlnet_step_scales`. For
+    img2img starting at step `start`, compute them for the `steps - start` steps run (as
+    diffusers does) and left-pad with `start` zero rows.
+    level may be a scalar or any array of equal values (e.g. the (2B,) timesteps); returns
+    step_scales[i] (scalar or (n_controlnets,)), float32.
+    """
+    level = jnp.max(jnp.asarray(level, jnp.float32))
+    steps = step_scales.shape[0]
+    i = jnp.sum(jnp.asarray(levels, jnp.float32)[1:steps] >= level)
+    return jnp.asarray(step_scales, jnp.float32)[jnp.clip(i, 0, steps - 1)]
+
+
+def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False) -> Callable:
+    """`hook(x_scaled (2B,h,w,4), t (2B,), context (2B,L,D)) -> {down_residuals, mid_residual}`
+    for `guided_denoiser`. static: ((ControlNet graphdef, guess_mode), ...); control: the traced
+    {"states", "images", "scales"} (`Inputs.control`); levels: the UNet timesteps of the sigma
+    schedule, (steps+1,), to find the step of an evaluation (`scale_at`).
+
+    As diffusers: our CFG batch is [cond, uncond], so the image is repeated to 2B; guess mode runs
+    the ControlNet on the cond half only and gives the uncond half zero residuals; several
+    ControlNets' residuals are summed."""
+
+    def hook(x_scaled, t, context):
+        b = x_scaled.shape[0] // 2
+        scales = scale_at(t, levels, control["scales"])
+        if record:
+            jax.debug.callback(_record_callback, t[0], scales)
+        outputs = []
+        for j, (graphdef, guess) in enumerate(static):
+            net = nnx.merge(graphdef, control["states"][j])
+            image = jnp.broadcast_to(control["images"][j], (b,) + control["images"][j].shape[1:])
+            if guess:  # cond half only (our CFG batch is [cond, uncond]); uncond gets zeros
+                down, mid = net(x_scaled[:b], t[:b], context[:b], image, scales[j], guess_mode=True)
+                down = [jnp.concatenate([r, jnp.zeros_like(r)], axis=0) for r in down]
+                mid = jnp.concatenate([mid, jnp.zeros_like(mid)], axis=0)
+            else:
+                down, mid = net(x_scaled, t, context, jnp.concatenate([image, image], axis=0), scales[j])
+            outputs.append((down, mid))
+        down, mid = sum_residuals(outputs)
+        return {"down_residuals": down, "mid_residual": mid}
+
+    return hook
+
+
 @functools.lru_cache(maxsize=32)
 def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scaling_factor: float) -> Callable:
     """The jitted generation function for `spec` (cached: equal arguments share one function).
 
-    run(unet_state, vae_state, inputs) -> (latents (B,h,w,c) scaled, images (B,H,W,3) float32 in [-1,1])
-    inputs (all traced): cond, uncond (B, L, D); cfg_scale () or (B,1,1,1); noise (B,h,w,c)
-    unit-variance; sigmas (steps+1,) the full schedule; start () int32, the first step
-    (0 for txt2img; img2img starts at sigmas[start]); keys (B,) sampler keys; knobs {name: scalar};
-    per task: init_latents (img2img, inpaint) (B,h,w,c); mask (B,h,w,1), 1 = repaint (inpaint);
-    fill_keep, fill_noise () (inpaint: the masked latents become init * fill_keep + noise *
-    fill_noise -- A1111 "original"/"fill" = (1, 0), "latent noise" = (0, 1), "latent nothing" =
-    (0, 0)); masked_latents (B,h,w,c) (9-channel inpaint).
+    run(unet_state, vae_state, inputs: `sdjax.pipeline.inputs.Inputs`) -> (latents (B,h,w,c) scaled,
+    images (B,H,W,3) float32 in [-1,1]). Which optional inputs are present follows `spec.task`.
     """
     static = dict(spec.static_knobs)
     blend = spec.task == "inpaint" and not spec.inpaint_channels
 
-    def run(unet_state, vae_state, inputs):
+    def run(unet_state, vae_state, inputs: Inputs):
         unet = nnx.merge(unet_graph, unet_state)
         vae = nnx.merge(vae_graph, vae_state)
-        sigmas = jnp.asarray(inputs["sigmas"], jnp.float32)
-        start = inputs["start"]
-        noise = inputs["noise"].astype(jnp.float32)
+        sigmas = jnp.asarray(inputs.sigmas, jnp.float32)
+        start = inputs.start
+        noise = inputs.noise.astype(jnp.float32)
         extra = mask = init = None
         if spec.task == "txt2img":
             x = noise * sigmas[start]
         else:
-            init = inputs["init_latents"].astype(jnp.float32)
+            init = inputs.init_latents.astype(jnp.float32)
             if spec.task == "inpaint":
-                mask = inputs["mask"].astype(jnp.float32)
-                masked_init = init * inputs["fill_keep"] + noise * inputs["fill_noise"]
+                mask = inputs.mask.astype(jnp.float32)
+                masked_init = init * inputs.fill_keep + noise * inputs.fill_noise
                 init = init * (1.0 - mask) + mask * masked_init
             # A1111 img2img: the init latents plus unit noise times the starting sigma.
             x = init + noise * sigmas[start]
         if spec.task == "inpaint" and spec.inpaint_channels:
-            extra = jnp.concatenate([mask, inputs["masked_latents"]], axis=-1)
+            extra = jnp.concatenate([mask, inputs.masked_latents], axis=-1)
         residuals = None
         if spec.controlnets:
-            from sdjax.control import residuals_hook
-
             # The hook sees UNet timesteps: map the schedule the same way (sampling.make_denoiser).
             levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
             levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
-            residuals = residuals_hook(spec.controlnets, inputs["control"], levels, spec.record_control)
-        denoise = guided_denoiser(model, unet, inputs["cond"], inputs["uncond"], inputs["cfg_scale"], extra,
+            residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control)
+        denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
                                   residuals=residuals, timestep_mode=spec.timestep_mode)
         if blend:
             # A1111 (CFGDenoiser, mask applied after denoising): outside the mask the x0
@@ -189,8 +236,8 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
                 return init * (1.0 - mask) + mask * guided(x, sigma)
 
         callback = _progress_callback if spec.progress else None
-        latents = sampling.sample(spec.sampler, denoise, x, sigmas, inputs["keys"], start=start,
-                                  callback=callback, **inputs["knobs"], **static)
+        latents = sampling.sample(spec.sampler, denoise, x, sigmas, inputs.keys, start=start,
+                                  callback=callback, **inputs.knobs, **static)
         if blend:
             latents = init * (1.0 - mask) + mask * latents  # A1111's final blend
         # A schedule that ends above 0 (DDIM's alphas_cumprod[0]) leaves the sample at that
@@ -208,26 +255,54 @@ def vae_dtype(vae_state) -> jnp.dtype:
     return leaves[0].dtype if leaves else jnp.float32
 
 
-_PROGRESS: list[Callable[[int], None]] = []
+class _HostHooks:
+    """The host functions compiled code reports to: progress after each sampler step (functions
+    built with `Spec(progress=True)`) and the ControlNet scales of each evaluation
+    (`Spec(record_control=True)`). A compiled function is shared by every pipeline with the same
+    graphs and spec, so its host callback can only reach a module-level object; a `Generator`
+    installs its hooks here for the duration of one call (`progress_hook`, `record_scales`)."""
+
+    def __init__(self):
+        self.progress: list[Callable[[int], None]] = []
+        self.record: list[Callable[[float, np.ndarray], None]] = []
+
+    @contextlib.contextmanager
+    def installed(self, kind: str, fn: Callable | None) -> Iterator[None]:
+        if fn is None:
+            yield
+            return
+        hooks = getattr(self, kind)
+        hooks.append(fn)
+        try:
+            yield
+        finally:
+            hooks.remove(fn)
+
+
+_HOOKS = _HostHooks()
 
 
 def _progress_callback(i, *_):
-    for fn in list(_PROGRESS):
+    for fn in list(_HOOKS.progress):
         fn(int(i))
 
 
-@contextlib.contextmanager
-def progress_hook(fn: Callable[[int], None] | None) -> Iterator[None]:
-    """While active, `fn(step_index)` is called on the host after each sampler step of a
-    function built with `Spec(progress=True)`."""
-    if fn is None:
-        yield
-        return
-    _PROGRESS.append(fn)
-    try:
-        yield
-    finally:
-        _PROGRESS.remove(fn)
+def _record_callback(t, scales):
+    for fn in list(_HOOKS.record):
+        fn(float(t), np.asarray(scales))
+
+
+def progress_hook(fn: Callable[[int], None] | None):
+    """Context manager: while active, `fn(step_index)` is called on the host after each sampler
+    step of a function built with `Spec(progress=True)`."""
+    return _HOOKS.installed("progress", fn)
+
+
+def record_scales(fn: Callable[[float, np.ndarray], None]):
+    """Context manager: while active, functions built with `Spec(record_control=True)` call
+    `fn(t, scales)` on the host for every ControlNet evaluation: the UNet timestep and the
+    (n_units,) scales used."""
+    return _HOOKS.installed("record", fn)
 
 
 @functools.lru_cache(maxsize=16)

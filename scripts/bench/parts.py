@@ -1,5 +1,5 @@
-"""Building blocks of `sdjax.bench`: identical torch and sdjax models, both txt2img paths, timing,
-machine description, and the subprocess worker (`python -m sdjax.bench_parts '<json spec>'`) used
+"""Building blocks of the benchmark (`bench.run`): identical torch and sdjax models, both txt2img paths, timing,
+machine description, and the subprocess worker (`python -m bench.parts '<json spec>'`, scripts/ on the path) used
 where a fresh process is needed (XLA flags, the persistent compilation cache, peak memory).
 """
 
@@ -24,7 +24,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 def default_reference() -> Path:
     """The SD 1.5 reference folder (configs + tokenizer): $SDJAX_REFERENCE/sd15, else the
     checkout's own reference/sd15 (the benchmarks run from a checkout, not an installed wheel)."""
-    root = os.environ.get("SDJAX_REFERENCE", Path(__file__).resolve().parents[1] / "reference")
+    root = os.environ.get("SDJAX_REFERENCE", Path(__file__).resolve().parents[2] / "reference")
     return Path(root) / "sd15"
 
 
@@ -172,31 +172,35 @@ def token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
 
 
 class Txt2Img:
-    """sdjax txt2img: text encoding, then `sdjax.generation.build`'s jitted scan over the steps
+    """sdjax txt2img: text encoding, then `sdjax.pipeline.core.build`'s jitted scan over the steps
     and the VAE decode, one ahead-of-time compiled function per (batch, size, steps)."""
 
     def __init__(self, pipe, *, guidance: float, sampler: str = "euler"):
-        from sdjax import generation, sampling
+        from sdjax import sampling
+        from sdjax.pipeline import core
         self.pipe, self.guidance = pipe, guidance
         self.model = sampling.DiscreteModel.from_config(pipe.scheduler_config)
-        self.fn = generation.build(pipe.unet.graphdef, pipe.vae.graphdef, self.model,
-                                   generation.Spec(sampler=sampler), pipe.vae.scaling_factor)
+        self.fn = core.build(pipe.unet.graphdef, pipe.vae.graphdef, self.model,
+                             core.Spec(sampler=sampler), pipe.vae.scaling_factor)
         self.compiled: dict[tuple, Any] = {}
         self.compile_s: dict[tuple, float] = {}
 
-    def inputs(self, prompts: list[str], size: int, steps: int, seeds) -> dict:
+    def inputs(self, prompts: list[str], size: int, steps: int, seeds):
+        """The traced `sdjax.pipeline.inputs.Inputs` of a txt2img call."""
         import jax.numpy as jnp
-        from sdjax import generation, sampling
+        from sdjax import sampling
+        from sdjax.pipeline import core
+        from sdjax.pipeline.inputs import Inputs
         b = len(prompts)
         context = self.pipe.text_encoder(token_ids(self.pipe.tokenizer, list(prompts) + [""] * b))
-        noise, keys = generation.initial_noise(jnp.asarray(seeds), (size // 8, size // 8, 4))
+        noise, keys = core.initial_noise(jnp.asarray(seeds), (size // 8, size // 8, 4))
         sigmas = sampling.diffusers_schedule(self.model, steps, solver="euler")[1]
-        return {"cond": context[:b], "uncond": context[b:], "cfg_scale": jnp.float32(self.guidance),
-                "noise": noise, "sigmas": jnp.asarray(sigmas), "start": jnp.int32(0), "keys": keys, "knobs": {}}
+        return Inputs(cond=context[:b], uncond=context[b:], cfg_scale=jnp.float32(self.guidance), noise=noise,
+                      sigmas=jnp.asarray(sigmas), start=jnp.int32(0), keys=keys)
 
-    def compile(self, inputs: dict) -> Any:
+    def compile(self, inputs) -> Any:
         """The compiled function for these inputs' shapes; its compile time lands in `compile_s`."""
-        key = (inputs["noise"].shape, inputs["sigmas"].shape)
+        key = (inputs.noise.shape, inputs.sigmas.shape)
         if key not in self.compiled:
             t = time.perf_counter()
             self.compiled[key] = self.fn.lower(self.pipe.unet.state, self.pipe.vae.state, inputs).compile()
@@ -207,7 +211,7 @@ class Txt2Img:
         """-> (images (B, size, size, 3) float32 in [0, 1] as diffusers' output_type="np", noise NHWC)."""
         inputs = self.inputs(prompts, size, steps, seeds)
         _, images = self.compile(inputs)(self.pipe.unet.state, self.pipe.vae.state, inputs)
-        return np.asarray(images) * 0.5 + 0.5, np.asarray(inputs["noise"])
+        return np.asarray(images) * 0.5 + 0.5, np.asarray(inputs.noise)
 
 
 def diffusers_txt2img(pipe, prompts: list[str], size: int, steps: int, guidance: float, noise_nhwc=None):
@@ -272,13 +276,15 @@ def machine_info() -> dict:
 # ---- subprocess workers: fresh processes for caches, XLA flags and peak memory ------------
 
 def run_worker(spec: dict, *, xla_flags: str | None = None, timeout_s: int = 1800) -> dict:
-    """Run `worker(spec)` in a fresh `python -m sdjax.bench_parts` process; its result dict, or {'error': ...}."""
+    """Run `worker(spec)` in a fresh `python -m bench.parts` process; its result dict, or {'error': ...}."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    scripts = str(Path(__file__).resolve().parents[1])  # `bench` is a package in scripts/
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (scripts, env.get("PYTHONPATH")) if p)
     if xla_flags:
         env["XLA_FLAGS"] = xla_flags
     try:
-        proc = subprocess.run([sys.executable, "-m", "sdjax.bench_parts", json.dumps(spec)], env=env,
+        proc = subprocess.run([sys.executable, "-m", "bench.parts", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s} s"}
@@ -334,7 +340,7 @@ def _rss_gib() -> float:
 def _sdjax_worker(spec, configs, out, t0):
     import jax
     import jax.numpy as jnp
-    from sdjax import generation  # noqa: F401  (so import_s counts the generation stack)
+    from sdjax.pipeline import core  # noqa: F401  (so import_s counts the generation stack)
 
     out["import_s"] = time.perf_counter() - t0
     models = sdjax_random(configs, dtype=spec["dtype"], seed=spec["seed"])

@@ -72,14 +72,6 @@ def file_hash(path: str | os.PathLike) -> str:
     return _sha256(Path(path))[:12]
 
 
-def _cache(pipe, name: str) -> dict:
-    cache = getattr(pipe, name, None)
-    if cache is None:
-        cache = {}
-        setattr(pipe, name, cache)
-    return cache
-
-
 def _lora_file(name: str, lora_dir) -> Path:
     if lora_dir is None:
         raise CheckpointError(f"the prompt asks for <lora:{name}:...> but no lora_dir (--lora-dir) was given")
@@ -123,9 +115,8 @@ class AppliedNetworks:
     infotext: dict[str, Any]
 
 
-def _read_embeddings(pipe, paths: Sequence[Path], required: bool) -> list[tuple[emb_lib.Embedding, Path]]:
+def _read_embeddings(pipe, paths: Sequence[Path], required: bool, cache: dict) -> list[tuple[emb_lib.Embedding, Path]]:
     width = int(pipe.text_encoder.config.hidden_size)
-    cache = _cache(pipe, "_sdjax_embedding_cache")
     out = []
     for path in paths:
         key = (str(path.resolve()), path.stat().st_mtime_ns)
@@ -144,14 +135,19 @@ def _read_embeddings(pipe, paths: Sequence[Path], required: bool) -> list[tuple[
 
 def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lora_dir=None,
                    loras: Sequence[str | tuple[str, float]] | None = None, lora_strict: bool = True,
-                   embeddings: Sequence[str | os.PathLike] | None = None, embeddings_dir=None) -> AppliedNetworks:
+                   embeddings: Sequence[str | os.PathLike] | None = None, embeddings_dir=None,
+                   embedding_cache: dict | None = None, lora_cache: dict | None = None) -> AppliedNetworks:
     """Resolve and apply LoRAs and embeddings for one batch; see the module docstring.
 
     loras: explicit files, each a path, `"PATH:MULT"` or (path, multiplier); prompt tags
     `<lora:name:m>` are resolved in `lora_dir`. lora_strict: LoRA modules that match no
     weight raise CheckpointError listing them (False: one warning, skipped).
+    embedding_cache, lora_cache: files read before, kept by the caller (a `Generator`) per
+    (path, mtime); None reads every file again.
     Raises CheckpointError for missing files, unmatched keys, unusable embeddings.
     """
+    embedding_cache = {} if embedding_cache is None else embedding_cache
+    lora_cache = {} if lora_cache is None else lora_cache
     prompts, negatives = list(prompts), list(negatives)
     infotext: dict[str, Any] = {}
     tokenizer, te_state, unet_state = pipe.tokenizer, pipe.text_encoder.state, pipe.unet.state
@@ -167,7 +163,8 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
     for p in files:
         if not p.is_file():
             raise CheckpointError(f"embedding file {p} does not exist")
-    embs = _read_embeddings(pipe, files, True) + _read_embeddings(pipe, [p for p in found if p not in files], False)
+    embs = (_read_embeddings(pipe, files, True, embedding_cache)
+            + _read_embeddings(pipe, [p for p in found if p not in files], False, embedding_cache))
     if embs:
         unique = {}
         for emb, path in embs:
@@ -200,7 +197,7 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
             raise CheckpointError(f"LoRA file {path} does not exist")
         requests.append((path.stem, path, mult, mult))
     if requests:
-        cache = _cache(pipe, "_sdjax_lora_cache")
+        cache = lora_cache
         merge_input, hashes = [], {}
         for name, path, unet_m, te_m in requests:
             key = (str(path.resolve()), path.stat().st_mtime_ns, lora_strict)

@@ -1,4 +1,4 @@
-"""The benchmark's measurements: one function per section, over a shared `Context`. See `sdjax.bench`."""
+"""The benchmark's measurements: one function per section, over a shared `Context`. See `bench.run`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sdjax import bench_parts as parts
-from sdjax.bench_parts import PROMPT, measure
-from sdjax.bench_report import Plan, Row
+from bench import parts
+from bench.parts import PROMPT, measure
+from bench.report import Plan, Row
 
 
 class Context:

@@ -1,6 +1,6 @@
 """img2img / inpainting / outpainting preprocessing on the host, as AUTOMATIC1111 does it.
 
-Everything here is PIL/numpy; the jitted core (`sdjax.generation`) gets arrays:
+Everything here is PIL/numpy; the jitted core (`sdjax.pipeline.core`) gets arrays:
 - `mask_blur`: A1111's Gaussian mask blur (cv2 kernel size 2*int(2.5*r+0.5)+1, sigma r).
 - `fill`: A1111 "fill" masked content (`masking.fill`: blurred surroundings composited in).
 - `get_crop_region`, `expand_crop_region`: "inpaint only masked" crop with padding.
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from sdjax.errors import TaskError
+from sdjax.images import _open, to_8bit, to_rgb
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")  # A1111 inpainting_fill 0..3
 
@@ -28,11 +29,7 @@ def to_pil_rgb(image) -> Image.Image:
     """A path, a PIL image, or an array (H, W, 3) / (1, H, W, 3) -- uint8 in [0, 255] or
     float in [-1, 1] -- as a PIL RGB image. Files and PIL images of any mode go through
     `sdjax.images.to_rgb` (16-bit scaled to 8 bits, transparency composited on white)."""
-    from sdjax.images import to_rgb
-
     if isinstance(image, (str, os.PathLike)):
-        from sdjax.images import _open
-
         return to_rgb(ImageOps.exif_transpose(_open(image)))
     if isinstance(image, Image.Image):
         return to_rgb(image)
@@ -48,11 +45,7 @@ def to_pil_rgb(image) -> Image.Image:
 
 def to_pil_mask(mask) -> Image.Image:
     """A path, a PIL image, or an array (H, W) -- float in [0, 1] or uint8 -- as a PIL "L" mask."""
-    from sdjax.images import to_8bit
-
     if isinstance(mask, (str, os.PathLike)):
-        from sdjax.images import _open
-
         return to_8bit(ImageOps.exif_transpose(_open(mask))).convert("L")
     if isinstance(mask, Image.Image):
         return to_8bit(mask).convert("L")
@@ -152,7 +145,7 @@ class InpaintJob:
     latent_mask: float32 (h, w, 1), 1 = repaint, for the latent blend (rounded, A1111);
     cond_mask: float32 (h, w, 1) binary, and masked_image (H, W, 3) in [-1, 1], for 9-channel
     UNets (diffusers / A1111 image conditioning); fill_keep, fill_noise: the latent
-    masked-content coefficients of `generation.build`; overlay: the original with alpha =
+    masked-content coefficients of `core.build`; overlay: the original with alpha =
     not-mask (RGBA, full size), paste_to: (x, y, w, h) of the crop in the original or None.
     """
 

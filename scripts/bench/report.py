@@ -1,4 +1,4 @@
-"""The benchmark's plan (what to measure), its rows and the report table. See `sdjax.bench`."""
+"""The benchmark's plan (what to measure), its rows and the report table. See `bench.run`."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """sdjax against diffusers (PyTorch) on one machine: same weights, dtype, sizes, sampler, guidance.
 
-    from sdjax import bench
+    import bench.run as bench            # scripts/ on sys.path
     report = bench.run(bench.QUICK, sections=("unet", "txt2img"))
     print(report.table()); print(report.ratio_line())
 
@@ -14,7 +14,7 @@ and VAE decode, txt2img per image (Euler, diffusers' sigmas, classifier-free gui
 time cold and with JAX's persistent cache, peak resident memory per dtype, achieved FLOP/s
 against a measured matmul peak, scaling with batch size and steps, and performance levers
 (XLA flags, bf16, attention kernel, one core). Compile, memory and levers run in fresh
-subprocesses (`sdjax.bench_parts.worker`).
+subprocesses (`bench.parts.worker`).
 
 Times are wall-clock seconds, medians of up to `Plan.repeats` runs after a warm-up (an item stops
 repeating once it has used `Plan.budget_s`). sdjax's warm-up is its ahead-of-time compile
@@ -22,8 +22,8 @@ repeating once it has used `Plan.budget_s`). sdjax's warm-up is its ahead-of-tim
 sdjax's advantage: diffusers / sdjax for times and memory, sdjax / diffusers for FLOP/s (>1:
 sdjax better).
 
-Modules: `bench_report` (Plan, Row, Report table), `bench_sections` (the measurements),
-`bench_parts` (models, timing, subprocess workers); this one runs them and holds the CLI.
+Modules: `bench.report` (Plan, Row, Report table), `bench.sections` (the measurements),
+`bench.parts` (models, timing, subprocess workers); this one runs them and holds the CLI.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from sdjax import bench_parts as parts
-from sdjax.bench_report import DEFAULT_SECTIONS, FULL, QUICK, SECTIONS, Plan, Report, Row, _fmt
-from sdjax.bench_sections import SECTION_FUNCTIONS, SUBPROCESS_SECTIONS, Context, matmul_peak
+from bench import parts
+from bench.report import DEFAULT_SECTIONS, FULL, QUICK, SECTIONS, Plan, Report, Row, _fmt
+from bench.sections import SECTION_FUNCTIONS, SUBPROCESS_SECTIONS, Context, matmul_peak
 
 __all__ = ["DEFAULT_SECTIONS", "FULL", "QUICK", "SECTIONS", "Plan", "Report", "Row", "matmul_peak", "run", "main"]
 

@@ -1,0 +1,56 @@
+"""The traced inputs of the compiled generation function (`sdjax.pipeline.core.build`), one typed pytree.
+
+Built in one place (`sdjax.pipeline.generator`; a benchmark may build its own for txt2img).
+Every field is traced: changing a value never recompiles; only shapes (and which optional
+fields are present) do. Latents are NHWC and scaled by the VAE's scaling_factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import struct
+
+from sdjax import parallel
+
+
+@struct.dataclass
+class Inputs:
+    """cond, uncond: (B, L, D) prompt embeddings; cfg_scale: () or (B, 1, 1, 1); noise:
+    (B, h, w, c) unit-variance; sigmas: (steps + 1,) the full schedule; start: () int32, the first
+    step (0 for txt2img; img2img starts at sigmas[start]); keys: (B,) sampler keys; knobs:
+    {name: scalar} numeric sampler knobs (eta, s_noise, ...).
+    Per task (None when absent): init_latents (B, h, w, c) (img2img, inpaint); mask (B, h, w, 1),
+    1 = repaint (inpaint); fill_keep, fill_noise () (inpaint: the masked latents become
+    init * fill_keep + noise * fill_noise -- A1111 "original"/"fill" = (1, 0), "latent noise" =
+    (0, 1), "latent nothing" = (0, 0)); masked_latents (B, h, w, c) (9-channel inpaint);
+    control: {"states", "images" (1, H, W, 3) each, "scales" (steps, n_units)} (ControlNet).
+    """
+
+    cond: jax.Array
+    uncond: jax.Array
+    cfg_scale: jax.Array
+    noise: jax.Array
+    sigmas: jax.Array
+    start: jax.Array
+    keys: jax.Array
+    knobs: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    init_latents: jax.Array | None = None
+    mask: jax.Array | None = None
+    fill_keep: jax.Array | None = None
+    fill_noise: jax.Array | None = None
+    masked_latents: jax.Array | None = None
+    control: dict[str, Any] | None = None
+
+
+# Fields without a batch axis (replicated when the batch is sharded).
+UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control")
+
+
+def shard(inputs: Inputs, mesh, batch: int) -> Inputs:
+    """`inputs` with every batched field padded to the mesh's batch multiple and sharded over it
+    (`sdjax.parallel.shard_batch`); the UNBATCHED fields replicated."""
+    fields = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
+    return Inputs(**parallel.shard_batch(fields, mesh, batch, unbatched=UNBATCHED))
