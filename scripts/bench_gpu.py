@@ -504,7 +504,7 @@ def section_warm(b: Bench, cache_dir: str) -> None:
         for ln in log:
             if "cache hit" not in ln:
                 print("  cache:", ln[:300], flush=True)
-        if attempt == 2:
+        if hits < len(log):  # a miss: show why, as JAX explains it
             print("  worker stderr tail:", proc.stderr[-1500:], flush=True)
 
 
