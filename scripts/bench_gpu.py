@@ -525,17 +525,8 @@ def ready_worker(spec: dict) -> dict:
     configs = parts.reference_configs(Path(spec["reference"]), spec["quick"])
     _, pipe, _ = build(args, configs, spec["dtype"], with_torch=False)
     gen = parts.Txt2Img(pipe, guidance=GUIDANCE, sampler="euler")
-    out = {}
-    t = time.perf_counter()
-    inputs = gen.inputs([PROMPT] * spec["batch"], spec["size"], spec["steps"], list(range(spec["batch"])))
-    jax.block_until_ready(inputs)
-    out["inputs_s"] = time.perf_counter() - t
-    lowered = gen.fn.lower(pipe.unet.state, pipe.vae.state, inputs)
-    out["trace_s"] = time.perf_counter() - t - out["inputs_s"]
-    lowered.compile()
-    out["ready_s"] = time.perf_counter() - t
-    out["compile_s"] = out["ready_s"] - out["inputs_s"] - out["trace_s"]
-    return out
+    return parts.time_until_ready(gen, [PROMPT] * spec["batch"], spec["size"], spec["steps"],
+                                  list(range(spec["batch"])))
 
 
 def main(argv=None) -> int:

@@ -337,6 +337,24 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def time_until_ready(gen: "Txt2Img", prompts: list[str], size: int, steps: int, seeds) -> dict:
+    """Seconds a generate call spends before its first sampler step: text encoding and noise
+    (inputs_s), tracing and lowering (trace_s), compiling or loading from the persistent cache
+    (compile_s), and their sum (ready_s)."""
+    import jax
+    pipe, out = gen.pipe, {}
+    t = time.perf_counter()
+    inputs = gen.inputs(prompts, size, steps, seeds)
+    jax.block_until_ready(inputs)
+    out["inputs_s"] = time.perf_counter() - t
+    lowered = gen.fn.lower(pipe.unet.state, pipe.vae.state, inputs)
+    out["trace_s"] = time.perf_counter() - t - out["inputs_s"]
+    lowered.compile()
+    out["ready_s"] = time.perf_counter() - t
+    out["compile_s"] = out["ready_s"] - out["inputs_s"] - out["trace_s"]
+    return out
+
+
 def _sdjax_worker(spec, configs, out, t0):
     import jax
     import jax.numpy as jnp
@@ -373,15 +391,7 @@ def _sdjax_worker(spec, configs, out, t0):
     if spec["task"] == "ready":
         # Everything a generate call does before its first sampler step starts: text
         # encoding and noise (gen.inputs), tracing, lowering, compiling or loading from cache.
-        t = time.perf_counter()
-        inputs = gen.inputs([PROMPT], size, spec["steps"], [spec["seed"]])
-        jax.block_until_ready(inputs)
-        out["inputs_s"] = time.perf_counter() - t
-        lowered = gen.fn.lower(pipe.unet.state, pipe.vae.state, inputs)
-        out["trace_s"] = time.perf_counter() - t - out["inputs_s"]
-        lowered.compile()
-        out["ready_s"] = time.perf_counter() - t
-        out["compile_s"] = out["ready_s"] - out["inputs_s"] - out["trace_s"]
+        out.update(time_until_ready(gen, [PROMPT], size, spec["steps"], [spec["seed"]]))
         out["ready_from_start_s"] = time.perf_counter() - t0 - (out["weights_s"] - out["import_s"])
         return
     inputs = gen.inputs([PROMPT], size, spec["steps"], [spec["seed"]])
