@@ -1,5 +1,6 @@
 """ControlNet in `Pipeline.generate`: parity with diffusers' StableDiffusionControlNetPipeline
-(single, guess mode, MultiControlNet) and the per-step scale rule (start / end fractions).
+(single, guess mode, MultiControlNet), StableDiffusionControlNetInpaintPipeline (4-channel
+UNet inpainting), and the per-step scale rule (start / end fractions).
 
 Tiny random weights from the SD 1.5 reference config (tests/sdjax_tiny.py); the ControlNet is
 diffusers' `ControlNetModel.from_unet` of that UNet, perturbed so the zero convolutions act.
@@ -135,13 +136,55 @@ def test_start_end_switch_control_at_the_right_steps(setup, tmp_path):
     np.testing.assert_allclose(scales, 0.8 * np.array([0, 0, 1, 1, 0, 0]), rtol=1e-6)
 
 
-def test_controlnet_inpainting_runs_and_uses_the_control(setup):
-    _, _, pipe, root = setup
+def _mode_latents(torch_pipe, image_nchw):
+    with torch.no_grad():
+        return torch_pipe.vae.encode(image_nchw).latent_dist.mode() * torch_pipe.vae.config.scaling_factor
+
+
+def test_controlnet_inpainting_matches_diffusers(setup, monkeypatch):
+    """A 4-channel UNet inpainting with a ControlNet against diffusers'
+    StableDiffusionControlNetInpaintPipeline: same noise, same Euler sigmas, the VAE posterior's
+    mode on both sides, a binary mask on 8-pixel blocks (no blur, no paste-back)."""
+    from PIL import Image
+
+    torch_pipe, nets, pipe, root = setup
+    steps = 8
+    config = {k: v for k, v in torch_pipe.scheduler.config.items() if not k.startswith("_")}
+    config["timestep_spacing"] = "trailing"
+    sched = diffusers.EulerDiscreteScheduler.from_config(config)
+    sched.set_timesteps(steps)
+    _, sigmas = diffusers_schedule(DiscreteModel.from_config(config), steps, solver="euler")
+    np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=5e-5)
+    rng = np.random.default_rng(4)
+    img = np.clip(np.linspace(0, 255, SIZE)[None, :, None] + rng.normal(0, 30, (SIZE, SIZE, 3)), 0, 255)
+    img = img.astype(np.uint8)
     mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[:, SIZE // 2:] = 255
-    kw = dict(steps=4, sampler="euler", init_image=_control_image(5), mask=mask, strength=1.0, seed=1)
-    unit = ControlNetUnit(model=root / "cn0", image=_control_image(1), scale=1.5)
-    with_cn = pipe.generate(PROMPT, controlnets=[unit], **kw).images[0]
-    without = pipe.generate(PROMPT, **kw).images[0]
-    a, b = np.asarray(with_cn, np.float32), np.asarray(without, np.float32)
-    assert np.abs(a - b)[:, SIZE // 2 + 8:].max() > 2  # the repainted half follows the control
+    mask[16:48, 8:40] = 255
+    control = _control_image(1)
+    noise = np.random.default_rng(3).standard_normal((1, SIZE // 8, SIZE // 8, 4)).astype(np.float32)
+    module = __import__(diffusers.StableDiffusionControlNetInpaintPipeline.__module__, fromlist=["randn_tensor"])
+    monkeypatch.setattr(module, "randn_tensor",
+                        lambda *a, **k: torch.from_numpy(np.ascontiguousarray(np.transpose(noise, (0, 3, 1, 2)))))
+    ref_pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+        **{k: v for k, v in torch_pipe.components.items() if k != "scheduler"}, scheduler=sched, controlnet=nets[0])
+    # diffusers samples the VAE posterior with its generator; sdjax uses the mean (mode).
+    monkeypatch.setattr(ref_pipe, "_encode_vae_image", lambda image, generator: _mode_latents(torch_pipe, image))
+    with torch.no_grad():
+        # strength 0.75 over 8 steps: diffusers starts at index 8 - int(0.75 * 8) = 2, as
+        # A1111's strength 0.625 (t_enc = 5, start 8 - 5 - 1 = 2).
+        ref = ref_pipe(PROMPT, negative_prompt=NEG, image=Image.fromarray(img), mask_image=Image.fromarray(mask),
+                       control_image=Image.fromarray(control), strength=0.75, num_inference_steps=steps,
+                       guidance_scale=7.5, height=SIZE, width=SIZE, controlnet_conditioning_scale=0.9,
+                       output_type="np").images
+    kw = dict(steps=steps, sampler="euler", cfg_scale=7.5, init_image=img, mask=mask, strength=0.625, noise=noise,
+              sigmas=sigmas, mask_blur=0, paste_back=False)
+    unit = ControlNetUnit(model=root / "cn0", image=control, scale=0.9)
+    res = pipe.generate(PROMPT, NEG, controlnets=[unit], **kw)
+    plain = pipe.generate(PROMPT, NEG, **kw)
+    _assert_close(res, ref, plain)
+    # Outside the mask the latents are the original's on both (A1111's blend), inside repainted.
+    keep = np.ones((SIZE // 8, SIZE // 8), bool)
+    keep[2:6, 1:5] = False
+    a, b = np.asarray(res.latents)[0], np.asarray(plain.latents)[0]
+    np.testing.assert_allclose(a[keep], b[keep], atol=1e-5)
+    assert np.abs(a - b)[~keep].max() > 0.05
