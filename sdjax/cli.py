@@ -352,7 +352,8 @@ def _run(args) -> int:
                                on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None,
                                manifest=batch.manifest_name(host, hosts))
         if hosts > 1:
-            _finish_hosts(out, all_jobs, host, o.get("grid", False))
+            grid_path = _finish_hosts(out, all_jobs, host, o.get("grid", False))
+            paths = paths + ([grid_path] if grid_path is not None else [])
     if bar is not None:
         bar.close()
     for p in paths:
@@ -360,8 +361,9 @@ def _run(args) -> int:
     return 0
 
 
-def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
-    """Wait for every host; then process 0 writes the grid when all images are visible to it."""
+def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> Path | None:
+    """Wait for every host; then process 0 writes the grid when all images are visible to it
+    (the run's images in plan order) and returns its path; other processes write nothing."""
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices("sdjax generate done")
@@ -370,7 +372,8 @@ def _finish_hosts(out: Path, all_jobs, host: int, grid: bool) -> None:
 
         paths = [out / n for job in all_jobs for n in job.names]
         if all(p.exists() for p in paths):  # else the folder is not shared between hosts
-            save_png(make_grid([Image.open(p) for p in paths]), out / batch.grid_name(paths))
+            return save_png(make_grid([Image.open(p) for p in paths]), out / batch.grid_name(paths))
+    return None
 
 
 def _step_bar(bar, kw):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sdjax.pipeline import batch
-from sdjax.images import read_infotext
+from sdjax.images import make_grid, read_infotext
 from sdjax_tiny import write_tiny_folder
 
 PROMPTS = 'a red cube\n{"prompt": "a blue ball", "batch_size": 3}\n# skipped\ngreen hills\n{"prompt": "sea", "seed": 40}\n'
@@ -68,12 +68,33 @@ def _cli(args):
     return [sys.executable, "-m", "sdjax.cli", "generate", *map(str, args)]
 
 
-def _run_hosts(args, cache, n=2, timeout=400):
-    """Launch n processes of the real CLI as one jax.distributed job on 127.0.0.1."""
+# Runs the CLI with an audit hook that logs every file renamed or hard-linked onto a grid-*.png
+# path (how sdjax.images writes atomically) to $GRID_SPY_LOG.<process id>: who wrote the grid.
+GRID_SPY = """
+import os, runpy, sys
+log = os.environ["GRID_SPY_LOG"] + "." + sys.argv[sys.argv.index("--process-id") + 1]
+def hook(event, args):
+    if event in ("os.rename", "os.link") and os.path.basename(os.fspath(args[1])).startswith("grid-"):
+        with open(log, "a") as f:
+            f.write(os.fspath(args[1]) + "\\n")
+sys.addaudithook(hook)
+runpy.run_module("sdjax.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_hosts(args, cache, n=2, timeout=400, spy=None):
+    """Launch n processes of the real CLI as one jax.distributed job on 127.0.0.1 (with `spy`, a
+    log path: through GRID_SPY). Returns each process's printed .png paths."""
     port = _free_port()
-    procs = [subprocess.Popen(_cli([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", n,
-                                    "--process-id", i]), env=_env(cache, 2), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    env = _env(cache, 2)
+    if spy is not None:
+        spy.parent.joinpath("grid_spy.py").write_text(GRID_SPY)
+        env["GRID_SPY_LOG"] = str(spy)
+    cmds = [_cli([*args, "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", n, "--process-id", i])
+            for i in range(n)]
+    if spy is not None:
+        cmds = [[sys.executable, str(spy.parent / "grid_spy.py"), *c[3:]] for c in cmds]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
     outs = []
     for p in procs:
         try:
@@ -101,14 +122,27 @@ def test_two_processes_equal_one_process(tmp_path):
     common = ["--model", model, "--prompts-file", prompts, *ARGS]
 
     # Random seed (-1): process 0 draws it and every process must use the same one.
-    outs = _run_hosts([*common, "--seed", -1, "--devices", "all", "--out", multi], cache)
+    spy = tmp_path / "spy" / "writes"
+    spy.parent.mkdir()
+    outs = _run_hosts([*common, "--seed", -1, "--devices", "all", "--grid", "--out", multi], cache, spy=spy)
     records = batch.read_manifests(multi)
-    files = sorted(p.name for p in multi.glob("*.png"))
+    files = sorted(p.name for p in multi.glob("*.png") if not p.name.startswith("grid-"))
     assert len(files) == 2 + 3 + 2 + 2
     assert sorted(r["file"] for r in records) == files  # each image recorded exactly once
-    printed = [os.path.basename(p) for out in outs for p in out]
+    printed = [os.path.basename(p) for out in outs for p in out if not os.path.basename(p).startswith("grid-")]
     assert sorted(printed) == files and len(set(outs[0]) & set(outs[1])) == 0  # each host its own images
     assert all(outs)  # both hosts did work
+
+    # --grid: process 0 alone writes one grid of all 9 images (both hosts' shares) in plan order.
+    grids = list(multi.glob("grid-*.png"))
+    assert len(grids) == 1 and grids[0].name == batch.grid_name([multi / n for n in files])
+    assert [os.path.basename(p) for p in outs[0] if "grid-" in p] == [grids[0].name]
+    assert not [p for p in outs[1] if "grid-" in p]
+    writers = {int(p.name.rsplit(".", 1)[1]): p.read_text().split() for p in spy.parent.glob("writes.*")}
+    assert writers == {0: [str(grids[0])]}, writers  # written once, by process 0 only
+    assert not list(multi.glob(".grid-*"))  # no temp file left
+    expected = make_grid([Image.open(multi / n) for n in files])  # 9 images: 3 x 3
+    np.testing.assert_array_equal(_pixels(grids[0]), np.asarray(expected, np.int16))
     seed = int(files[0].split("-")[1].split(".")[0])
 
     r = subprocess.run(_cli([*common, "--seed", seed, "--out", single]), env=_env(cache, 1),
