@@ -29,6 +29,17 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024**3
 
 
+def header(what: str) -> str:
+    """The first line of an output: what, when, where (load average: other work on the cores)."""
+    import platform
+
+    import jax
+
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"# sdjax bench_devices {what}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+            f"jax {jax.__version__}, {platform.machine()}, {os.cpu_count()} cores, load average {load}")
+
+
 def bench_time(args) -> None:
     import jax
 
@@ -43,6 +54,7 @@ def bench_time(args) -> None:
     pipe = sdjax.load_pipeline(model)
     kw = dict(steps=args.steps, width=args.size, height=args.size, sampler="euler", schedule="karras",
               batch_size=args.batch, seed=0)
+    print(header("time"))
     print(f"{jax.device_count()} simulated CPU devices on {jax.devices()[0].platform}; batch {args.batch}, "
           f"{args.size}x{args.size}, {args.steps} steps; median of {args.repeats} after a warm-up\n")
     print("| devices | per-image time (ms) | batch time (ms) |\n|---|---|---|")
@@ -105,6 +117,7 @@ def unet_activation_bytes(ref: Path, batch: int = 2, latent: int = 64) -> int:
 
 def bench_memory(args) -> None:
     ref_root = Path(args.reference)
+    print(header("memory"))
     print("Bytes per device (GiB). N = devices in the fsdp axis; FSDP divides every line by N "
           "(weights are gathered layer by layer where used).\n")
     print("| model | UNet params | VAE params | text encoder params | total |\n|---|---|---|---|---|")
@@ -121,6 +134,7 @@ def bench_memory(args) -> None:
             "fine-tune UNet: fp32 weights + grads + AdamW m, v (16 B/param)": 16 * unet,
             "  + EMA copy (4 B/param)": 4 * unet,
             "  + frozen VAE + text encoder, fp32": 4 * frozen,
+            "fine-tune total (the three lines above)": 20 * unet + 4 * frozen,
         }
         for what, b in rows.items():
             print(f"| {name} | {what} | {b / GiB:.2f} | {b / 4 / GiB:.2f} | {b / 8 / GiB:.2f} |")

@@ -1,7 +1,8 @@
 """Every benchmark table and speed / memory figure in README.md comes from a committed
 `bench_results/` file (issue #22).
 
-- Benchmark outputs (fenced blocks in the Benchmarks and Accelerators sections, and markdown
+- Benchmark outputs (untagged fenced blocks in the Accelerators, Running on many devices and
+  Benchmarks sections; a block tagged ```bash or ```python is code), and markdown
   tables titled with the GPU benchmark's "sdjax vs diffusers on ..." line) are verbatim copies:
   each of their non-blank lines appears verbatim, in the block's order, in one bench_results
   file (an excerpt may leave rows out).
@@ -21,32 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 RESULTS = ROOT / "bench_results"
-SECTIONS = ("Accelerators", "Benchmarks")
+SECTIONS = ("Accelerators", "Running on many devices", "Benchmarks")
 
-# Figures of those sections without a committed output today: (figure as the README writes it,
-# a few words of its sentence). Each is reported in issue #22's note.
-UNBACKED = {
-    ("254 us", "GEGLU's exact float32 GELU at the first level (254 us per call"),  # a profile reading
-    ("108 GFLOP/s", "the same counts give 108 GFLOP/s at 32x32"),  # flops file's GFLOP / full run's time
-    ("129 GFLOP/s", "and 129 GFLOP/s at 64x64"),                    # (two files; computed by hand)
-    ("0.38 s", "a 4096-token layer 1.2 s (torch SDPA 0.38 s)"),      # "What changed": single
-    ("12.8 s", "| 0.45 s; 12.8 s |"),                                # measurements, no output kept
-    ("2.46 s", "UNet b2 on 8x8 latents 2.46 s"),
-    ("0.92 s", "| 0.92 s, 1.87 s; 8.4 s/image |"),
-    ("1.87 s", "| 0.92 s, 1.87 s; 8.4 s/image |"),
-    ("3.44 GiB", "bf16 txt2img 512 px: 3.44 GiB of temporaries"),
-    ("0.56 GiB", "| 0.56 GiB; 3.54 GiB |"),
-    ("3.19", "onednn (3.19 / 13.3 s)"),                              # the onednn / xnnpack A/B
-    ("3.62", "xnnpack (3.62 / 13.9 s)"),
-    ("13.9 s", "xnnpack (3.62 / 13.9 s)"),
-    ("2.92", "the default (2.92 / 12.9 s)"),
-    ("341-392", "140-162 GFLOP/s against torch's 341-392"),
-    ("3.8 GB", "3.54 GiB (3.8 GB"),                                  # a unit conversion
-    ("1.25x", "Being 1.25x faster than diffusers at 512 px"),        # a hypothetical
-    ("176 GFLOP/s", "its 11.2 s UNet call in 9 s: 176 GFLOP/s"),
-    ("155-177", "the peak measured that day (155-177)"),
-    ("7.6 s", "convolutions at ~75-80% of the peak (7.6 s)"),        # a profile reading
-}
+# Figures of those sections without a committed output: (figure as the README writes it, a few
+# words of its sentence). Empty: every figure is backed; an entry is only for a figure reported
+# as unbacked in an issue, until its output is committed or the sentence edited.
+UNBACKED: set[tuple[str, str]] = set()
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
 _UNIT = r"(?:x|%|/255|ms|us|s|min|GiB|GB|MB|GFLOP/s|TFLOP/s|images/s)"
@@ -102,7 +83,8 @@ def output_blocks() -> list[tuple[int, list[str]]]:
             while not lines[j][1].startswith("```"):
                 j += 1
             body = [ln.rstrip() for _, ln in lines[i + 1:j]]
-            if body and not body[0].startswith(("python ", "sdjax ", "$ ")):
+            code = line.strip() != "```"  # ```bash, ```python: code, not an output
+            if body and not code and not body[0].startswith(("python ", "sdjax ", "$ ")):
                 blocks.append((n + 1, body))
             i = j + 1
             continue
