@@ -30,10 +30,12 @@ import sys
 from pathlib import Path
 
 from sdjax import parallel, runtime
+from sdjax.cli_outputs import (add_output_arguments, check_output_options, make_previewer, print_info,
+                               provenance_xmp, wrap_generate)
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
 from sdjax.errors import SdjaxError, UsageError
-from sdjax.images import escape_control, make_grid, read_infotext, save_png
+from sdjax.images import make_grid, read_infotext, save_png
 from sdjax.interrupt import Interrupted, handle_signals
 from sdjax.metadata import parse_infotext
 from sdjax.models.kernels import ATTENTION, CONV
@@ -91,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="progress bar on stderr (default: when stderr is a terminal)")
         add_parallel_flags(s)
         add_network_arguments(s)
+        add_output_arguments(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -281,6 +284,7 @@ def _run(args) -> int:
         o["seed"] = random.randrange(2**32 - 1 - 10**6)
     command = args.command
     _validate(o, command)
+    check_output_options(o)
     defaults = _generate_kwargs(o, command)  # network flags checked here, before any output check
     defaults.pop("prompt", None)
     out = Path(o["out"])
@@ -334,6 +338,8 @@ def _run(args) -> int:
             kw["progress"] = _step_bar(bar, kw)
         return pipe.generate(**kw)
 
+    previews = make_previewer(o, pipe, (out.parent if single_file else out) / "previews")
+    generate = wrap_generate(generate, o, previews)  # previews; the watermark on what is written
     if single_file:
         paths = []
         for job in jobs:
@@ -341,7 +347,7 @@ def _run(args) -> int:
             for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
                 target = targets[len(paths)]
                 try:
-                    paths.append(save_png(image, target, info, exclusive=not o.get("overwrite")))
+                    paths.append(save_png(image, target, info, exclusive=not o.get("overwrite"), xmp=provenance_xmp()))
                 except FileExistsError:
                     raise UsageError(f"{os.fspath(target)} appeared while generating; pass --overwrite to "
                                      "replace it, or choose another --out") from None
@@ -350,7 +356,7 @@ def _run(args) -> int:
     else:
         paths = batch.run_jobs(generate, jobs, out, grid=o.get("grid", False) and hosts == 1,
                                on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None,
-                               manifest=batch.manifest_name(host, hosts))
+                               manifest=batch.manifest_name(host, hosts), xmp=provenance_xmp())
         if hosts > 1:
             _finish_hosts(out, all_jobs, host, o.get("grid", False))
     if bar is not None:
@@ -384,14 +390,6 @@ def _step_bar(bar, kw):
     return on_step
 
 
-def _info(args) -> int:
-    text = read_infotext(args.image)
-    if text is None:
-        raise UsageError(f"{args.image} has no generation parameters")
-    print(escape_control(text))  # a PNG's text must not drive the terminal
-    return 0
-
-
 def _quiet_third_party() -> None:
     """Keep third-party notices off a CLI user's terminal. sdjax uses transformers only for the
     CLIP tokenizer, yet importing it without PyTorch (the README's install) prints "PyTorch was
@@ -415,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_convert(args)
             if args.command == "train":
                 return run_train(args)
-            return _info(args) if args.command == "info" else _run(args)
+            return print_info(args.image) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)
         return 2

@@ -207,12 +207,14 @@ class Generator:
         return (*cached[3], shard(inputs, mesh, b))
 
     def generate(self, request: Request, *, progress: Callable[[int], None] | None = None,
-                 record_control: bool = False, devices: int | str | None = None, fsdp: int | str = 1,
-                 mesh: Any = None) -> GenerationResult:
+                 preview: Callable[[int, np.ndarray], None] | None = None, record_control: bool = False,
+                 devices: int | str | None = None, fsdp: int | str = 1, mesh: Any = None) -> GenerationResult:
         """Generate `request.batch_size` images; returns GenerationResult(images, latents
         (B, H/8, W/8, C) scaled, infotexts, seeds).
 
-        progress: `fn(step_index)` on the host after each sampler step. record_control: report
+        progress: `fn(step_index)` on the host after each sampler step. preview: `fn(step_index,
+        x0_pred (B, h, w, C) float32 scaled latents)` after each step (`sdjax.pipeline.preview`);
+        it uses the same compiled function as `progress`, so adding it compiles nothing. record_control: report
         the ControlNet scales of each evaluation to `sdjax.pipeline.control.record_scales`.
         Devices: by default one device runs the whole batch. devices="all" (every local device)
         or N (the first N) splits the batch over them: B is padded to a multiple of the device
@@ -307,10 +309,12 @@ class Generator:
             fields["control"], control_static = prepared.inputs, prepared.static
             params_extra.update(prepared.infotext)
         static = tuple(sorted((k, v) for k, v in r.knobs.items() if k in STATIC_KNOBS))
-        spec = core.Spec(sampler_id, task, nine and task == "inpaint", static, progress is not None,
+        staged = progress is not None or preview is not None
+        spec = core.Spec(sampler_id, task, nine and task == "inpaint", static, staged,
                          r.timestep_mode, controlnets=control_static, record_control=record_control)
         fn = core.build(pipe.unet.graphdef, pipe.vae.graphdef, model, spec, pipe.vae.scaling_factor)
-        with core.progress_hook(progress):
+        on_x0 = None if preview is None else (lambda i, x0: preview(i, x0[:b]))  # padded rows dropped
+        with core.progress_hook(progress), core.preview_hook(on_x0):
             latents, images = fn(*self.place(Inputs(**fields), b, mesh, nets.unet_state))
             latents = np.asarray(latents)[:b]  # padded rows of a sharded batch dropped
             images = np.asarray(images)[:b]
