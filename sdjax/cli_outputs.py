@@ -14,6 +14,7 @@ from sdjax.errors import UsageError
 from sdjax.images import escape_control, read_infotext, read_xmp
 from sdjax.metadata import provenance_xmp, xmp_source_type
 from sdjax.pipeline import preview
+from sdjax.weights.taesd import load_taesd
 
 
 def add_output_arguments(s: argparse.ArgumentParser) -> None:
@@ -48,8 +49,6 @@ def make_previewer(o: dict, pipe, folder: Path):
     method = o.get("preview_method") or ("taesd" if o.get("taesd") else "cheap")
     decoder = None
     if method == "taesd":
-        from sdjax.weights.taesd import load_taesd
-
         decoder = load_taesd(o["taesd"])
     return preview.Previewer(folder, o["preview_every"], method=method, taesd=decoder,
                              model_family=preview.family(pipe.vae.scaling_factor),
