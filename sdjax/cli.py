@@ -34,6 +34,7 @@ from sdjax.cli_outputs import (add_output_arguments, check_output_options, make_
                                provenance_xmp, wrap_generate)
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
+from sdjax.cli_xyz import add_xyz_argument, plan_xyz, run_xyz
 from sdjax.errors import SdjaxError, UsageError
 from sdjax.images import make_grid, read_infotext, save_png
 from sdjax.interrupt import Interrupted, handle_signals
@@ -94,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         add_parallel_flags(s)
         add_network_arguments(s)
         add_output_arguments(s)
+        if name in ("generate", "img2img"):
+            add_xyz_argument(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -294,6 +297,9 @@ def _run(args) -> int:
     single_file = out.suffix.lower() == ".png" and not o.get("prompts_file")
     if single_file and out.exists() and not o.get("overwrite"):
         raise UsageError(f"--out {os.fspath(out)} exists; pass --overwrite to replace it, or choose another name")
+    if o.get("xyz"):  # every cell checked as a request before the model loads
+        plan_xyz(o, {**defaults, "prompt": o.get("prompt", "")}, single_file,
+                 lambda cell: _check_request({**o, **cell}, _limits(o)))
     model = _model_path(o)
     batch.check_output_folder(out.parent if single_file else out, create=False)
 
@@ -307,6 +313,8 @@ def _run(args) -> int:
     host, hosts = start_distributed(o)
     if hosts > 1 and single_file:
         raise UsageError("a multi-host run writes a folder: --out must not be a .png file")
+    if hosts > 1 and o.get("xyz"):
+        raise UsageError("--xyz runs on one host: drop the multi-host flags")
     o["seed"] = _shared_seed(o["seed"], hosts)
     if "seed" in defaults:  # the plan must use process 0's seed on every process
         defaults["seed"] = o["seed"]
@@ -340,7 +348,9 @@ def _run(args) -> int:
 
     previews = make_previewer(o, pipe, (out.parent if single_file else out) / "previews")
     generate = wrap_generate(generate, o, previews)  # previews; the watermark on what is written
-    if single_file:
+    if o.get("xyz"):
+        paths = run_xyz(generate, o, {**defaults, "prompt": o["prompt"]}, out)
+    elif single_file:
         paths = []
         for job in jobs:
             result = generate(**job.options)

@@ -250,7 +250,9 @@ class Generator:
 
         prompt_list = _as_list(r.prompt, b, "prompt")
         negative_list = _as_list(r.negative_prompt, b, "negative_prompt")
-        seeds = [int(r.seed) + i for i in range(b)]
+        # seed and cfg_scale may be per image (`Request`); else image i has seed + i.
+        seeds = [int(v) for v in r.seed] if isinstance(r.seed, (list, tuple)) else [int(r.seed) + i for i in range(b)]
+        cfg_list = _as_list(r.cfg_scale, b, "cfg_scale")
         subseeds = None if r.subseed is None else [int(r.subseed) + i for i in range(b)]
         channels = int(pipe.vae.config.latent_channels)
         latent_shape = (height // 8, width // 8, channels)
@@ -269,8 +271,11 @@ class Generator:
                                        lora_cache=self.loras)
         cond, uncond = encode_prompts(pipe, nets.prompts, nets.negatives, r.clip_skip, tokenizer=nets.tokenizer,
                                       te_state=nets.te_state)
+        per_image_cfg = isinstance(r.cfg_scale, (list, tuple))
+        cfg = jnp.asarray(np.asarray(cfg_list, np.float32).reshape(b, 1, 1, 1)) if per_image_cfg \
+            else jnp.float32(r.cfg_scale)
         fields: dict[str, Any] = dict(
-            cond=cond, uncond=uncond, cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
+            cond=cond, uncond=uncond, cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
             knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         unet_in = int(pipe.unet.config.in_channels)
@@ -328,7 +333,7 @@ class Generator:
         infotexts = []
         for i in range(b):
             params = {
-                "Steps": steps, "Sampler": sampler_label, "Schedule type": schedule_label, "CFG scale": r.cfg_scale,
+                "Steps": steps, "Sampler": sampler_label, "Schedule type": schedule_label, "CFG scale": cfg_list[i],
                 "Seed": seeds[i], "Size": (width, height), "Model hash": self.model_hash,
                 # A1111 writes the checkpoint's name without its extension.
                 "Model": Path(pipe.model_dir).stem if Path(pipe.model_dir).is_file() else Path(pipe.model_dir).name,
