@@ -6,7 +6,9 @@
     sdjax outpaint --image in.png --right 64 --prompt "..."
     sdjax generate --prompts-file prompts.txt --out folder/      (resumable, manifest.jsonl)
     sdjax generate --from-png image.png --out again.png          (same image, same machine)
-    sdjax info image.png
+    sdjax info image.png                                         (parameters, watermark, XMP source type)
+    sdjax generate "..." --xyz "CFG Scale: 4, 7, 10" "Steps: 10, 20"   (X/Y/Z plot, sdjax.cli_xyz)
+    sdjax generate "..." --preview-every 5 [--taesd PATH]        (live previews, sdjax.cli_outputs)
     sdjax generate --prompts-file p.txt --batch-size 8 --devices all [--fsdp 2]   (batch over devices)
     sdjax generate --prompts-file p.txt --out shared/ --coordinator-address HOST:PORT \
         --num-processes 2 --process-id 0   (one process per host; each writes only its images)
@@ -15,8 +17,10 @@ Errors in the input (sizes, strength, sampler names, model path, output folder) 
 line on stderr and exit with status 2; nothing is written. Every number goes through
 `sdjax.pipeline.request.Request` (the same check `Pipeline.generate` makes), with --max-pixels,
 --max-steps and --max-batch-size to raise its limits. Existing files are never replaced
-(`--out FILE` needs --overwrite for that). SIGINT / SIGTERM stop the run after the current
-compiled call, leave no partial file, and exit with 130 / 143; a rerun resumes. JAX's persistent compilation
+(`--out FILE` needs --overwrite for that). Written PNGs carry the IPTC digital source type in
+XMP and, unless --no-watermark, the invisible watermark (`sdjax.cli_outputs`). SIGINT / SIGTERM
+stop the run after the current compiled call, leave no partial file, and exit with 130 / 143; a
+rerun resumes. JAX's persistent compilation
 cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax
 (`sdjax.runtime`).
 """
