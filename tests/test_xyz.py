@@ -65,6 +65,20 @@ def test_cells_group_into_one_call_per_sampler_and_steps():
         assert options["batch_size"] == 3 and options["cfg_scale"] == [4.0, 7.0, 10.0] and options["seed"] == [3] * 3
 
 
+def test_request_takes_per_image_seeds_and_cfg_scales():
+    from sdjax.errors import RequestError, TaskError
+    from sdjax.pipeline.request import Request
+
+    r = Request(["a", "b"], seed=[7, 3], cfg_scale=[4.0, 9.5])
+    assert r.batch_size == 2 and r.seed == [7, 3]
+    with pytest.raises(TaskError, match="3 per-image values but the batch has 2"):
+        Request(["a", "b"], seed=[1, 2, 3])
+    with pytest.raises(RequestError, match="cfg_scale must be a finite number"):
+        Request("a", batch_size=2, cfg_scale=[1.0, float("nan")])
+    with pytest.raises(RequestError, match="seed"):
+        Request("a", batch_size=2, seed=[1, -4])
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return sdjax.load_pipeline(EMBEDDED)

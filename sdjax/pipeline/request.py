@@ -172,7 +172,8 @@ class Request:
     limits: Limits | None = None
 
     def __post_init__(self):
-        per_image = {k: getattr(self, k) for k in ("seed", "cfg_scale") if isinstance(getattr(self, k), (list, tuple))}
+        per_image = {k: getattr(self, k) for k in ("seed", "cfg_scale")
+                     if isinstance(getattr(self, k), (list, tuple))}
         for name, values in per_image.items():  # one value per image (an X/Y/Z plot's batched cells)
             n = self.batch_size if self.batch_size is not None else (
                 len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1)
@@ -182,7 +183,8 @@ class Request:
                 check_request(**{name: v}, limits=self.limits)
         check_request(steps=self.steps if self.sigmas is None else None,
                       cfg_scale=None if "cfg_scale" in per_image else self.cfg_scale,
-                      seed=None if "seed" in per_image else self.seed, batch_size=self.batch_size, width=self.width, height=self.height,
+                      seed=None if "seed" in per_image else self.seed, batch_size=self.batch_size,
+                      width=self.width, height=self.height,
                       strength=self.strength if self.init_image is not None else None, subseed=self.subseed,
                       subseed_strength=self.subseed_strength, clip_skip=self.clip_skip, knobs=self.knobs,
                       limits=self.limits)
