@@ -61,7 +61,9 @@ def wrap_generate(generate, o: dict, previewer):
 
     def run(**kw):
         if previewer is not None:
-            kw["preview"] = previewer.start(f"{kw.get('seed', 0)}", kw.get("steps"))
+            seed = kw.get("seed", 0)
+            seed = seed[0] if isinstance(seed, (list, tuple)) else seed  # an X/Y/Z batch: its first cell's
+            kw["preview"] = previewer.start(f"{seed}", kw.get("steps"))
         result = generate(**kw)
         if o.get("watermark", True):
             result = dataclasses.replace(result, images=watermark.apply_watermark(result.images))
