@@ -62,6 +62,7 @@ def test_previews_compile_nothing_and_follow_every(tmp_path):
     assert not np.array_equal(np.asarray(first.images[0]), np.asarray(again.images[0]))
 
 
+@pytest.mark.slow  # a CLI run in a subprocess
 def test_cli_writes_a_taesd_preview_every_n_steps(tmp_path):
     torch.manual_seed(0)
     tiny = AutoencoderTiny(decoder_block_out_channels=(8, 8, 8, 8), num_decoder_blocks=(1, 1, 1, 1),
