@@ -6,7 +6,9 @@
     sdjax outpaint --image in.png --right 64 --prompt "..."
     sdjax generate --prompts-file prompts.txt --out folder/      (resumable, manifest.jsonl)
     sdjax generate --from-png image.png --out again.png          (same image, same machine)
-    sdjax info image.png
+    sdjax info image.png                                         (parameters, watermark, XMP source type)
+    sdjax generate "..." --xyz "CFG Scale: 4, 7, 10" "Steps: 10, 20"   (X/Y/Z plot, sdjax.cli_xyz)
+    sdjax generate "..." --preview-every 5 [--taesd PATH]        (live previews, sdjax.cli_outputs)
     sdjax generate --prompts-file p.txt --batch-size 8 --devices all [--fsdp 2]   (batch over devices)
     sdjax generate --prompts-file p.txt --out shared/ --coordinator-address HOST:PORT \
         --num-processes 2 --process-id 0   (one process per host; each writes only its images)
@@ -15,8 +17,10 @@ Errors in the input (sizes, strength, sampler names, model path, output folder) 
 line on stderr and exit with status 2; nothing is written. Every number goes through
 `sdjax.pipeline.request.Request` (the same check `Pipeline.generate` makes), with --max-pixels,
 --max-steps and --max-batch-size to raise its limits. Existing files are never replaced
-(`--out FILE` needs --overwrite for that). SIGINT / SIGTERM stop the run after the current
-compiled call, leave no partial file, and exit with 130 / 143; a rerun resumes. JAX's persistent compilation
+(`--out FILE` needs --overwrite for that). Written PNGs carry the IPTC digital source type in
+XMP and, unless --no-watermark, the invisible watermark (`sdjax.cli_outputs`). SIGINT / SIGTERM
+stop the run after the current compiled call, leave no partial file, and exit with 130 / 143; a
+rerun resumes. JAX's persistent compilation
 cache lives in $SDJAX_CACHE_DIR, else $XDG_CACHE_HOME/sdjax/jax, else ~/.cache/sdjax/jax
 (`sdjax.runtime`).
 """
@@ -30,10 +34,13 @@ import sys
 from pathlib import Path
 
 from sdjax import parallel, runtime
+from sdjax.cli_outputs import (add_output_arguments, check_output_options, make_previewer, print_info,
+                               provenance_xmp, wrap_generate)
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
 from sdjax.cli_train import add_train_parser, run_train
+from sdjax.cli_xyz import add_xyz_argument, plan_xyz, run_xyz
 from sdjax.errors import SdjaxError, UsageError
-from sdjax.images import escape_control, make_grid, read_infotext, save_png
+from sdjax.images import make_grid, read_infotext, save_png
 from sdjax.interrupt import Interrupted, handle_signals
 from sdjax.metadata import parse_infotext
 from sdjax.models.kernels import ATTENTION, CONV
@@ -91,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="progress bar on stderr (default: when stderr is a terminal)")
         add_parallel_flags(s)
         add_network_arguments(s)
+        add_output_arguments(s)
+        if name in ("generate", "img2img"):
+            add_xyz_argument(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -281,6 +291,7 @@ def _run(args) -> int:
         o["seed"] = random.randrange(2**32 - 1 - 10**6)
     command = args.command
     _validate(o, command)
+    check_output_options(o)
     defaults = _generate_kwargs(o, command)  # network flags checked here, before any output check
     defaults.pop("prompt", None)
     out = Path(o["out"])
@@ -290,6 +301,9 @@ def _run(args) -> int:
     single_file = out.suffix.lower() == ".png" and not o.get("prompts_file")
     if single_file and out.exists() and not o.get("overwrite"):
         raise UsageError(f"--out {os.fspath(out)} exists; pass --overwrite to replace it, or choose another name")
+    if o.get("xyz"):  # every cell checked as a request before the model loads
+        plan_xyz(o, {**defaults, "prompt": o.get("prompt", "")}, single_file,
+                 lambda cell: _check_request({**o, **cell}, _limits(o)))
     model = _model_path(o)
     batch.check_output_folder(out.parent if single_file else out, create=False)
 
@@ -303,6 +317,8 @@ def _run(args) -> int:
     host, hosts = start_distributed(o)
     if hosts > 1 and single_file:
         raise UsageError("a multi-host run writes a folder: --out must not be a .png file")
+    if hosts > 1 and o.get("xyz"):
+        raise UsageError("--xyz runs on one host: drop the multi-host flags")
     o["seed"] = _shared_seed(o["seed"], hosts)
     if "seed" in defaults:  # the plan must use process 0's seed on every process
         defaults["seed"] = o["seed"]
@@ -334,14 +350,18 @@ def _run(args) -> int:
             kw["progress"] = _step_bar(bar, kw)
         return pipe.generate(**kw)
 
-    if single_file:
+    previews = make_previewer(o, pipe, (out.parent if single_file else out) / "previews")
+    generate = wrap_generate(generate, o, previews)  # previews; the watermark on what is written
+    if o.get("xyz"):
+        paths = run_xyz(generate, o, {**defaults, "prompt": o["prompt"]}, out)
+    elif single_file:
         paths = []
         for job in jobs:
             result = generate(**job.options)
             for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
                 target = targets[len(paths)]
                 try:
-                    paths.append(save_png(image, target, info, exclusive=not o.get("overwrite")))
+                    paths.append(save_png(image, target, info, exclusive=not o.get("overwrite"), xmp=provenance_xmp()))
                 except FileExistsError:
                     raise UsageError(f"{os.fspath(target)} appeared while generating; pass --overwrite to "
                                      "replace it, or choose another --out") from None
@@ -350,7 +370,7 @@ def _run(args) -> int:
     else:
         paths = batch.run_jobs(generate, jobs, out, grid=o.get("grid", False) and hosts == 1,
                                on_image=(lambda name, skipped: bar.update(1)) if bar is not None else None,
-                               manifest=batch.manifest_name(host, hosts))
+                               manifest=batch.manifest_name(host, hosts), xmp=provenance_xmp())
         if hosts > 1:
             grid_path = _finish_hosts(out, all_jobs, host, o.get("grid", False))
             paths = paths + ([grid_path] if grid_path is not None else [])
@@ -387,14 +407,6 @@ def _step_bar(bar, kw):
     return on_step
 
 
-def _info(args) -> int:
-    text = read_infotext(args.image)
-    if text is None:
-        raise UsageError(f"{args.image} has no generation parameters")
-    print(escape_control(text))  # a PNG's text must not drive the terminal
-    return 0
-
-
 def _quiet_third_party() -> None:
     """Keep third-party notices off a CLI user's terminal. sdjax uses transformers only for the
     CLIP tokenizer, yet importing it without PyTorch (the README's install) prints "PyTorch was
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                 return run_convert(args)
             if args.command == "train":
                 return run_train(args)
-            return _info(args) if args.command == "info" else _run(args)
+            return print_info(args.image) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from sdjax.errors import ImageError
+from sdjax.metadata import XMP_KEY
 
 __all__ = [
     "ImageError",
@@ -41,6 +42,7 @@ __all__ = [
     "make_grid",
     "read_infotext",
     "read_jsonl",
+    "read_xmp",
     "save_png",
     "to_pil",
 ]
@@ -100,18 +102,23 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], e
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None = None, *,
-             exclusive: bool = False) -> Path:
+             exclusive: bool = False, xmp: str | None = None) -> Path:
     """Write `image` as PNG at `path` atomically, with `infotext` in a `parameters` text chunk.
 
     Like A1111 (PIL `PngInfo.add_text`), the chunk is tEXt when the text is
     Latin-1 and iTXt (UTF-8) otherwise. Missing parent folders are created.
     exclusive: never replace an existing file (FileExistsError, nothing written).
+    xmp: an XMP packet (`sdjax.metadata.provenance_xmp`) written after the parameters as the
+    iTXt chunk `XML:com.adobe.xmp`, where XMP readers (exiftool, Pillow's `getxmp`) look.
     Raises ImageError naming the file if it cannot be written.
     """
     pnginfo = None
-    if infotext is not None:
+    if infotext is not None or xmp is not None:
         pnginfo = PngImagePlugin.PngInfo()
+    if infotext is not None:
         pnginfo.add_text(INFOTEXT_KEY, infotext)
+    if xmp is not None:
+        pnginfo.add_itxt(XMP_KEY, xmp)
     try:
         return _atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=pnginfo), exclusive)
     except FileExistsError:
@@ -129,6 +136,15 @@ def _open(path: str | os.PathLike) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"cannot read image {os.fspath(path)!r}: {e}") from e
     return image
+
+
+def read_xmp(path: str | os.PathLike) -> str | None:
+    """The XMP packet (iTXt `XML:com.adobe.xmp`) of a PNG, or None."""
+    info = _open(path).info
+    value = info.get(XMP_KEY, info.get("xmp"))  # Pillow also files it under "xmp"
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return None if value is None else str(value)
 
 
 def read_infotext(path: str | os.PathLike) -> str | None:

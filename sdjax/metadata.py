@@ -30,12 +30,16 @@ from sdjax.errors import InfotextError
 __all__ = [
     "A1111_KEY_ORDER",
     "InfotextError",
+    "TRAINED_ALGORITHMIC_MEDIA",
+    "XMP_KEY",
     "format_hashes",
     "format_infotext",
     "parse_hashes",
     "parse_infotext",
+    "provenance_xmp",
     "quote",
     "unquote",
+    "xmp_source_type",
 ]
 
 SDJAX_VERSION = f"sdjax {__version__}"
@@ -209,3 +213,37 @@ def parse_hashes(value: str) -> dict[str, str]:
         if sep:
             result[name.strip()] = digest.strip()
     return result
+
+
+# IPTC "Digital Source Type" of an image made by a generative model (IPTC NewsCodes).
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+XMP_KEY = "XML:com.adobe.xmp"  # the PNG iTXt keyword Adobe's XMP spec (part 3) gives XMP packets
+
+_XMP_TEMPLATE = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about=""
+    xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"
+    xmlns:xmp="http://ns.adobe.com/xap/1.0/"
+    Iptc4xmpExt:DigitalSourceType="{source}"
+    xmp:CreatorTool="{tool}"/>
+ </rdf:RDF>
+</x:xmpmeta>
+<?xpacket end="r"?>"""
+
+_SOURCE_TYPE = re.compile(r'DigitalSourceType(?:="([^"]*)"|>([^<]*)<)')
+
+
+def provenance_xmp(source_type: str = TRAINED_ALGORITHMIC_MEDIA) -> str:
+    """An XMP packet stating the IPTC digital source type (Iptc4xmpExt:DigitalSourceType) and
+    sdjax as the creator tool; written by `sdjax.images.save_png(..., xmp=...)`."""
+    return _XMP_TEMPLATE.format(source=source_type, tool=SDJAX_VERSION)
+
+
+def xmp_source_type(xmp: str | bytes | None) -> str | None:
+    """The DigitalSourceType URI of an XMP packet (attribute or element form), or None."""
+    if xmp is None:
+        return None
+    text = xmp.decode("utf-8", "replace") if isinstance(xmp, bytes) else str(xmp)
+    m = _SOURCE_TYPE.search(text)
+    return None if m is None else (m.group(1) or m.group(2) or "").strip()

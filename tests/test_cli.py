@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sdjax.images import read_infotext, read_jsonl
+from sdjax.metadata import TRAINED_ALGORITHMIC_MEDIA
 from sdjax_tiny import write_tiny_folder
 
 ARGS = ["--steps", "2", "--width", "64", "--height", "64"]
@@ -44,8 +45,8 @@ def test_generate_from_png_and_info(env, model, tmp_path):
     info = read_infotext(out)
     assert info.startswith("a red circle on a blue background\nNegative prompt: green, blurry\n")
     assert "Seed: 11" in info and "Size: 64x64" in info
-    r = sdjax(env, "info", out)
-    assert r.returncode == 0 and r.stdout.strip() == info
+    r = sdjax(env, "info", out)  # the parameters as stored, then the provenance (64 px: no watermark)
+    assert r.returncode == 0 and r.stdout == info + "\nDigital source type: " + TRAINED_ALGORITHMIC_MEDIA + "\n"
     again = tmp_path / "b.png"
     r = sdjax(env, "generate", "--from-png", out, "--model", model, "--out", again)
     assert r.returncode == 0, r.stderr

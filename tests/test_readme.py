@@ -53,6 +53,8 @@ NOT_RUN = [
     (r"path/to/model\.safetensors", "needs a full-size SD single file (a tiny model's single file "
                                      "needs config_dir, which the CLI does not take)"),
     (r"--num-processes P --process-id i", "needs P hosts (tests/test_multihost.py runs 2 processes)"),
+    (r"--taesd models/taesd", "needs the published TAESD weights (no downloads in CI); tests/test_preview.py "
+                              "runs the same flags on a random AutoencoderTiny folder"),
 ]
 PRELUDE = """
 import numpy as _np

@@ -11,6 +11,8 @@
     canny.py       Canny edges in numpy (the "canny" preprocessor)
     networks.py    LoRA and textual-inversion embeddings applied for one call
     batch.py       prompts-file runs: planning, file names, manifests, resuming
+    xyz.py         X/Y/Z plots: A1111 axes -> cells -> batched calls -> labelled grids
+    preview.py     live previews: A1111 "Approx cheap" / TAESD from each step's x0
 """
 
 from sdjax.pipeline.components import VAE, Component, TextEncoder, UNet

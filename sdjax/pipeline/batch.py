@@ -204,13 +204,15 @@ def grid_name(paths: list[Path]) -> str:
 
 
 def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: bool = False,
-             on_image: Callable[[str, bool], None] | None = None, manifest: str = MANIFEST) -> list[Path]:
+             on_image: Callable[[str, bool], None] | None = None, manifest: str = MANIFEST,
+             xmp: str | None = None) -> list[Path]:
     """Run the jobs whose images are missing; returns the paths of all images, in order.
 
     generate(**options) -> result with .images and .infotexts. on_image(name, skipped) reports
     progress. The manifest (file name `manifest` in `out`; one per host, see `manifest_name`)
     gets one record per image: file, line, seed, prompt, infotext. Images recorded in any
-    host's manifest are not recorded again.
+    host's manifest are not recorded again. xmp: the XMP packet each image's PNG gets
+    (`sdjax.images.save_png`).
     """
     check_output_folder(out)
     recorded = {r.get("file") for r in read_manifests(out)}
@@ -247,7 +249,7 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
             for i, name in enumerate(sub.names):
                 with critical():
                     try:
-                        save_png(result.images[i], out / name, result.infotexts[i], exclusive=True)
+                        save_png(result.images[i], out / name, result.infotexts[i], exclusive=True, xmp=xmp)
                         entry = {"file": name, "line": job.line, "seed": result.seeds[i],
                                  "prompt": sub.options.get("prompt"), "infotext": result.infotexts[i]}
                     except FileExistsError:  # the same request, finished first by a concurrent run

@@ -88,7 +88,8 @@ class Spec:
     sampler: canonical sampler id; task: "txt2img", "img2img" or "inpaint";
     inpaint_channels: the UNet takes 9 channels (latents, mask, masked-image latents);
     static_knobs: sampler knobs that pick code paths, as sorted (name, value) pairs;
-    progress: stage the per-step host callback (only when a progress bar is shown);
+    progress: stage the per-step host callback (progress bars and previews, `progress_hook`,
+    `preview_hook`);
     timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`);
     controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.pipeline.control`; their states,
     images and per-step scales are the traced `inputs.control`); record_control: report the
@@ -264,6 +265,7 @@ class _HostHooks:
 
     def __init__(self):
         self.progress: list[Callable[[int], None]] = []
+        self.preview: list[Callable[[int, np.ndarray], None]] = []
         self.record: list[Callable[[float, np.ndarray], None]] = []
 
     @contextlib.contextmanager
@@ -282,9 +284,11 @@ class _HostHooks:
 _HOOKS = _HostHooks()
 
 
-def _progress_callback(i, *_):
+def _progress_callback(i, x, x0_pred, sigma):
     for fn in list(_HOOKS.progress):
         fn(int(i))
+    for fn in list(_HOOKS.preview):
+        fn(int(i), np.asarray(x0_pred))
 
 
 def _record_callback(t, scales):
@@ -296,6 +300,14 @@ def progress_hook(fn: Callable[[int], None] | None):
     """Context manager: while active, `fn(step_index)` is called on the host after each sampler
     step of a function built with `Spec(progress=True)`."""
     return _HOOKS.installed("progress", fn)
+
+
+def preview_hook(fn: Callable[[int, np.ndarray], None] | None):
+    """Context manager: while active, `fn(step_index, x0_pred)` is called on the host after each
+    sampler step of a function built with `Spec(progress=True)`, with the step's denoised
+    prediction x0_pred (B, h, w, C) float32, scaled latents (`sdjax.pipeline.preview`). It rides
+    on the progress callback, which passes x0_pred anyway: previews compile nothing new."""
+    return _HOOKS.installed("preview", fn)
 
 
 def record_scales(fn: Callable[[float, np.ndarray], None]):

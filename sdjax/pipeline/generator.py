@@ -207,12 +207,14 @@ class Generator:
         return (*cached[3], shard(inputs, mesh, b))
 
     def generate(self, request: Request, *, progress: Callable[[int], None] | None = None,
-                 record_control: bool = False, devices: int | str | None = None, fsdp: int | str = 1,
-                 mesh: Any = None) -> GenerationResult:
+                 preview: Callable[[int, np.ndarray], None] | None = None, record_control: bool = False,
+                 devices: int | str | None = None, fsdp: int | str = 1, mesh: Any = None) -> GenerationResult:
         """Generate `request.batch_size` images; returns GenerationResult(images, latents
         (B, H/8, W/8, C) scaled, infotexts, seeds).
 
-        progress: `fn(step_index)` on the host after each sampler step. record_control: report
+        progress: `fn(step_index)` on the host after each sampler step. preview: `fn(step_index,
+        x0_pred (B, h, w, C) float32 scaled latents)` after each step (`sdjax.pipeline.preview`);
+        it uses the same compiled function as `progress`, so adding it compiles nothing. record_control: report
         the ControlNet scales of each evaluation to `sdjax.pipeline.control.record_scales`.
         Devices: by default one device runs the whole batch. devices="all" (every local device)
         or N (the first N) splits the batch over them: B is padded to a multiple of the device
@@ -248,7 +250,9 @@ class Generator:
 
         prompt_list = _as_list(r.prompt, b, "prompt")
         negative_list = _as_list(r.negative_prompt, b, "negative_prompt")
-        seeds = [int(r.seed) + i for i in range(b)]
+        # seed and cfg_scale may be per image (`Request`); else image i has seed + i.
+        seeds = [int(v) for v in r.seed] if isinstance(r.seed, (list, tuple)) else [int(r.seed) + i for i in range(b)]
+        cfg_list = _as_list(r.cfg_scale, b, "cfg_scale")
         subseeds = None if r.subseed is None else [int(r.subseed) + i for i in range(b)]
         channels = int(pipe.vae.config.latent_channels)
         latent_shape = (height // 8, width // 8, channels)
@@ -267,8 +271,11 @@ class Generator:
                                        lora_cache=self.loras)
         cond, uncond = encode_prompts(pipe, nets.prompts, nets.negatives, r.clip_skip, tokenizer=nets.tokenizer,
                                       te_state=nets.te_state)
+        per_image_cfg = isinstance(r.cfg_scale, (list, tuple))
+        cfg = jnp.asarray(np.asarray(cfg_list, np.float32).reshape(b, 1, 1, 1)) if per_image_cfg \
+            else jnp.float32(r.cfg_scale)
         fields: dict[str, Any] = dict(
-            cond=cond, uncond=uncond, cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
+            cond=cond, uncond=uncond, cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
             knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         unet_in = int(pipe.unet.config.in_channels)
@@ -307,10 +314,12 @@ class Generator:
             fields["control"], control_static = prepared.inputs, prepared.static
             params_extra.update(prepared.infotext)
         static = tuple(sorted((k, v) for k, v in r.knobs.items() if k in STATIC_KNOBS))
-        spec = core.Spec(sampler_id, task, nine and task == "inpaint", static, progress is not None,
+        staged = progress is not None or preview is not None
+        spec = core.Spec(sampler_id, task, nine and task == "inpaint", static, staged,
                          r.timestep_mode, controlnets=control_static, record_control=record_control)
         fn = core.build(pipe.unet.graphdef, pipe.vae.graphdef, model, spec, pipe.vae.scaling_factor)
-        with core.progress_hook(progress):
+        on_x0 = None if preview is None else (lambda i, x0: preview(i, x0[:b]))  # padded rows dropped
+        with core.progress_hook(progress), core.preview_hook(on_x0):
             latents, images = fn(*self.place(Inputs(**fields), b, mesh, nets.unet_state))
             latents = np.asarray(latents)[:b]  # padded rows of a sharded batch dropped
             images = np.asarray(images)[:b]
@@ -324,7 +333,7 @@ class Generator:
         infotexts = []
         for i in range(b):
             params = {
-                "Steps": steps, "Sampler": sampler_label, "Schedule type": schedule_label, "CFG scale": r.cfg_scale,
+                "Steps": steps, "Sampler": sampler_label, "Schedule type": schedule_label, "CFG scale": cfg_list[i],
                 "Seed": seeds[i], "Size": (width, height), "Model hash": self.model_hash,
                 # A1111 writes the checkpoint's name without its extension.
                 "Model": Path(pipe.model_dir).stem if Path(pipe.model_dir).is_file() else Path(pipe.model_dir).name,

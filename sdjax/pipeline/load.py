@@ -77,7 +77,7 @@ class Pipeline:
         return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype})"
 
     # Options of a call that say how to run it, not what to make (`Generator.generate`).
-    _RUN_OPTIONS = ("progress", "record_control", "devices", "fsdp", "mesh")
+    _RUN_OPTIONS = ("progress", "preview", "record_control", "devices", "fsdp", "mesh")
 
     def generate(self, prompt, negative_prompt="", steps=20, sampler="dpmpp_2m", schedule="karras",
                  cfg_scale=7.0, seed=0, width=None, height=None, batch_size=None, init_image=None,
@@ -92,7 +92,7 @@ class Pipeline:
         (subseed, subseed_strength, clip_skip, mask_blur, inpainting_fill, inpaint_full_res,
         inpaint_full_res_padding, paste_back, sigmas, timestep_mode, extra_params, limits, ...),
         sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r, order, ...), and how to run it:
-        progress, record_control, devices, fsdp, mesh (`sdjax.pipeline.generator.Generator.generate`).
+        progress, preview, record_control, devices, fsdp, mesh (`sdjax.pipeline.generator.Generator.generate`).
         Every value is checked once, by `Request` (limits: `sdjax.pipeline.request.Limits`).
         LoRA: `<lora:NAME:M>` prompt tags resolved in `lora_dir`, `loras=[path or "PATH:M" or (path, M)]`,
         `lora_strict=False` to warn on unmatched keys; embeddings: `embeddings=[paths]`,

@@ -133,6 +133,8 @@ class Request:
     (the init image's size, else the model's own) through `sized`.
     knobs: sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r; order, solver_type,
     lower_order_final pick code paths).
+    seed and cfg_scale may also be one value per image (a list of batch_size values), which
+    `sdjax.pipeline.xyz` uses to run an X/Y/Z plot's cells in one compiled call.
     """
 
     prompt: str | Sequence[str]
@@ -140,8 +142,8 @@ class Request:
     steps: int = 20
     sampler: str = "dpmpp_2m"
     schedule: str | None = "karras"
-    cfg_scale: float = 7.0
-    seed: int = 0
+    cfg_scale: float | Sequence[float] = 7.0
+    seed: int | Sequence[int] = 0
     width: int | None = None
     height: int | None = None
     batch_size: int | None = None
@@ -170,8 +172,19 @@ class Request:
     limits: Limits | None = None
 
     def __post_init__(self):
-        check_request(steps=self.steps if self.sigmas is None else None, cfg_scale=self.cfg_scale,
-                      seed=self.seed, batch_size=self.batch_size, width=self.width, height=self.height,
+        per_image = {k: getattr(self, k) for k in ("seed", "cfg_scale")
+                     if isinstance(getattr(self, k), (list, tuple))}
+        for name, values in per_image.items():  # one value per image (an X/Y/Z plot's batched cells)
+            n = self.batch_size if self.batch_size is not None else (
+                len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1)
+            if len(values) != n:
+                raise TaskError(f"{name} has {len(values)} per-image values but the batch has {n} images")
+            for v in values:
+                check_request(**{name: v}, limits=self.limits)
+        check_request(steps=self.steps if self.sigmas is None else None,
+                      cfg_scale=None if "cfg_scale" in per_image else self.cfg_scale,
+                      seed=None if "seed" in per_image else self.seed, batch_size=self.batch_size,
+                      width=self.width, height=self.height,
                       strength=self.strength if self.init_image is not None else None, subseed=self.subseed,
                       subseed_strength=self.subseed_strength, clip_skip=self.clip_skip, knobs=self.knobs,
                       limits=self.limits)
@@ -181,7 +194,8 @@ class Request:
             raise TaskError(f"unknown generation option(s) {bad}")
         if self.batch_size is None:  # diffusers: a list of prompts is a batch of that many images
             n = len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1
-            check_request(batch_size=n, seed=self.seed, subseed=self.subseed, limits=self.limits)
+            check_request(batch_size=n, seed=None if "seed" in per_image else self.seed, subseed=self.subseed,
+                          limits=self.limits)
             object.__setattr__(self, "batch_size", n)
         if self.init_image is None and self.mask is not None:
             raise TaskError("a mask needs an init image")
