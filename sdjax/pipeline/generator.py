@@ -93,11 +93,17 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     prompts of the batch are padded with empty-prompt chunks to the same chunk count.
     tokenizer, te_state: use these instead of the pipeline's (embeddings, LoRA-merged weights).
     """
+    encoded = encode_texts(pipe, list(prompts_) + list(negatives), clip_skip, tokenizer=tokenizer, te_state=te_state)
+    return encoded[:len(prompts_)], encoded[len(prompts_):]
+
+
+def encode_texts(pipe, texts: Sequence[str], clip_skip: int = 1, *, tokenizer=None, te_state=None) -> jax.Array:
+    """`encode_prompts` for a list of texts: float32 (len(texts), n * 77, D), all padded to the
+    same chunk count with empty-prompt chunks (A1111 pad_cond_uncond, batch-wide)."""
     tok = pipe.tokenizer if tokenizer is None else tokenizer
     empty = prompts.tokenize_prompt(tok, "")
     # <lora:...> tags are applied to the weights by the caller, not encoded (A1111).
-    tokens = {t: prompts.tokenize_prompt(tok, prompts.extract_lora_tags(t).prompt)
-              for t in dict.fromkeys(list(prompts_) + list(negatives))}
+    tokens = {t: prompts.tokenize_prompt(tok, prompts.extract_lora_tags(t).prompt) for t in dict.fromkeys(texts)}
     n = max(t.n_chunks for t in tokens.values())
     widest = prompts.PromptTokens(np.repeat(empty.ids, n, 0), np.repeat(empty.weights, n, 0))
     fn = core.text_encoder_fn(pipe.text_encoder.graphdef)
@@ -109,9 +115,24 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     for text, t in tokens.items():
         t, _ = prompts.pad_to_same_chunks(t, widest, empty)  # A1111 pad_cond_uncond, batch-wide
         encoded[text] = prompts.encode_prompt(encode_fn, t, clip_skip)
-    cond = jnp.concatenate([encoded[t] for t in prompts_], axis=0)
-    uncond = jnp.concatenate([encoded[t] for t in negatives], axis=0)
-    return cond, uncond
+    return jnp.concatenate([encoded[t] for t in texts], axis=0)
+
+
+def conditioning_fields(pipe, prompts_: Sequence[str], negatives: Sequence[str], steps: int, clip_skip: int = 1, *,
+                        hires_steps: int | None = None, tokenizer=None, te_state=None) -> dict[str, Any]:
+    """The traced conditioning inputs (`Inputs.cond_table` / `cond_index` / `uncond_index` /
+    `cond_weights`) of a batch: A1111 prompt editing, alternation and AND
+    (`sdjax.prompts.scheduling.plan_conditioning`, schedules over `steps`, or the hires pass's
+    `hires_steps` counted on from `steps`). The table's rows are padded with zeros to
+    `prompts.bucket(n)` rows, so a new prompt or schedule recompiles nothing."""
+    strip = lambda t: prompts.extract_lora_tags(t).prompt  # noqa: E731  (A1111 parses after removing them)
+    plan = prompts.plan_conditioning([strip(t) for t in prompts_], [strip(t) for t in negatives], steps,
+                                     hires_steps=hires_steps)
+    table = encode_texts(pipe, plan.texts, clip_skip, tokenizer=tokenizer, te_state=te_state)
+    pad = prompts.bucket(table.shape[0]) - table.shape[0]
+    table = jnp.concatenate([table, jnp.zeros((pad,) + table.shape[1:], table.dtype)], axis=0)
+    return dict(cond=None, uncond=None, cond_table=table, cond_index=jnp.asarray(plan.cond_index),
+                uncond_index=jnp.asarray(plan.uncond_index), cond_weights=jnp.asarray(plan.weights))
 
 
 def img2img_start(strength: float, steps: int) -> int:
@@ -265,10 +286,10 @@ class Generator:
                                        lora_strict=r.lora_strict, embeddings=r.embeddings,
                                        embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
                                        lora_cache=self.loras)
-        cond, uncond = encode_prompts(pipe, nets.prompts, nets.negatives, r.clip_skip, tokenizer=nets.tokenizer,
-                                      te_state=nets.te_state)
         fields: dict[str, Any] = dict(
-            cond=cond, uncond=uncond, cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
+            **conditioning_fields(pipe, nets.prompts, nets.negatives, steps, r.clip_skip, tokenizer=nets.tokenizer,
+                                  te_state=nets.te_state),
+            cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
             knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         unet_in = int(pipe.unet.config.in_channels)
@@ -338,5 +359,5 @@ class Generator:
         return GenerationResult(pil, latents, infotexts, seeds)
 
 
-__all__ = ["GenerationResult", "Generator", "discrete_model", "encode_prompts", "finite_images", "img2img_start",
-           "model_hash", "native_size"]
+__all__ = ["GenerationResult", "Generator", "conditioning_fields", "discrete_model", "encode_prompts", "encode_texts",
+           "finite_images", "img2img_start", "model_hash", "native_size"]
