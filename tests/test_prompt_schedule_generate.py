@@ -28,6 +28,7 @@ def _denoiser(pipe, prompt, negative="", cfg_scale=7.0):
     return core.guided_denoiser(pipe.generator.discrete_model, unet, cond, uncond, jnp.float32(cfg_scale))
 
 
+@pytest.mark.slow
 def test_edit_equals_two_stage_run(pipe):
     seed = 5
     out = pipe.generate("[red:blue:0.5] cube", negative_prompt="[dull:2]", seed=seed, **KW)

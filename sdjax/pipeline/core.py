@@ -317,6 +317,7 @@ class _HostHooks:
     def __init__(self):
         self.progress: list[Callable[[int], None]] = []
         self.record: list[Callable[[float, np.ndarray], None]] = []
+        self.steps: list[Callable[[int, tuple], None]] = []
 
     @contextlib.contextmanager
     def installed(self, kind: str, fn: Callable | None) -> Iterator[None]:
@@ -334,9 +335,11 @@ class _HostHooks:
 _HOOKS = _HostHooks()
 
 
-def _progress_callback(i, *_):
+def _progress_callback(i, x, *_):
     for fn in list(_HOOKS.progress):
         fn(int(i))
+    for fn in list(_HOOKS.steps):
+        fn(int(i), tuple(np.shape(x)))
 
 
 def _record_callback(t, scales):
@@ -348,6 +351,13 @@ def progress_hook(fn: Callable[[int], None] | None):
     """Context manager: while active, `fn(step_index)` is called on the host after each sampler
     step of a function built with `Spec(progress=True)`."""
     return _HOOKS.installed("progress", fn)
+
+
+def record_steps(fn: Callable[[int, tuple], None]):
+    """Context manager: while active, functions built with `Spec(progress=True)` call
+    `fn(step_index, latents_shape)` on the host after each sampler step: the step's index in the
+    schedule and the (B, h, w, C) shape of the latents it stepped (e.g. to see both hires passes)."""
+    return _HOOKS.installed("steps", fn)
 
 
 def record_scales(fn: Callable[[float, np.ndarray], None]):

@@ -30,7 +30,7 @@ from sdjax import metadata, parallel, prompts, sampling
 from sdjax.errors import NonFiniteError, TaskError
 from sdjax.images import to_pil
 from sdjax.models.vae import AutoencoderKL
-from sdjax.pipeline import control, core, inpaint, networks
+from sdjax.pipeline import control, core, hires, inpaint, networks
 from sdjax.pipeline.inputs import Inputs, shard
 from sdjax.pipeline.request import STATIC_KNOBS, Request, check_request
 from sdjax.weights.diffusers import abstract_model
@@ -243,8 +243,21 @@ class Generator:
 
         Decoded images are checked for NaN / inf: a non-float32 VAE decodes again in float32 once
         (A1111's --no-half-vae fallback, with a warning), else `NonFiniteError`.
+        With `request.hires` (a `HiresFix`): A1111's hires fix, two passes (`sdjax.pipeline.hires`).
         Raises TaskError / UnknownNameError (both `SdjaxError`) for bad input.
         """
+        run = dict(progress=progress, record_control=record_control, devices=devices, fsdp=fsdp, mesh=mesh)
+        if request.hires is not None:
+            return hires.generate(
+                self.pipe, request, lambda r, extra: self._generate(r, extra_infotext=extra, **run),
+                lambda r, init, first_steps: self._generate(r, init_latents=init, first_pass_steps=first_steps, **run))
+        return self._generate(request, **run)
+
+    def _generate(self, request: Request, *, progress, record_control, devices, fsdp, mesh,
+                  init_latents: np.ndarray | None = None, first_pass_steps: int | None = None,
+                  extra_infotext: dict | None = None) -> GenerationResult:
+        """One pass. init_latents (B, h, w, C) scaled: img2img from these latents (the hires
+        fix's second pass, whose prompt schedules count on from `first_pass_steps`)."""
         pipe, r = self.pipe, request
         if mesh is None and devices is not None:
             try:
@@ -265,6 +278,8 @@ class Generator:
         native = native_size(pipe)
         r = r.sized(width or native, height or native)  # checked again, now complete
         width, height, task, b = r.width, r.height, r.task, int(r.batch_size)
+        if init_latents is not None:
+            task = "img2img"
         start = img2img_start(r.strength, steps) if task != "txt2img" else 0
 
         prompt_list = _as_list(r.prompt, b, "prompt")
@@ -287,7 +302,8 @@ class Generator:
                                        embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
                                        lora_cache=self.loras)
         fields: dict[str, Any] = dict(
-            **conditioning_fields(pipe, nets.prompts, nets.negatives, steps, r.clip_skip, tokenizer=nets.tokenizer,
+            **conditioning_fields(pipe, nets.prompts, nets.negatives, first_pass_steps or steps, r.clip_skip,
+                                  hires_steps=steps if first_pass_steps else None, tokenizer=nets.tokenizer,
                                   te_state=nets.te_state),
             cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
@@ -297,7 +313,9 @@ class Generator:
         job = None
         params_extra: dict[str, Any] = {}
         vae_enc = core.vae_encode_fn(pipe.vae.graphdef, pipe.vae.scaling_factor)
-        if task == "img2img":
+        if task == "img2img" and init_latents is not None:
+            fields["init_latents"] = jnp.asarray(init_latents, jnp.float32)
+        elif task == "img2img":
             pixels = inpaint.pil_to_array(init_pil if init_pil.size == (width, height)
                                           else init_pil.resize((width, height), Image.Resampling.LANCZOS))
             init = vae_enc(pipe.vae.state, jnp.asarray(pixels)[None])
@@ -319,6 +337,7 @@ class Generator:
             raise TaskError("this is an inpainting checkpoint (9-channel UNet): pass init_image and mask")
 
         params_extra.update(nets.infotext)
+        params_extra.update(extra_infotext or {})
         control_static: tuple = ()
         if r.controlnets:
             if job is not None and r.inpaint_full_res:
