@@ -84,6 +84,21 @@ def test_no_recompile_across_scheduled_prompts(pipe):
                     pipe.vae.scaling_factor)
     outs = [pipe.generate(*prompts[0], seed=1, **KW)]
     compiled = fn._cache_size()  # the function's compilations so far (other tests share it)
-    outs += [pipe.generate(p, negative_prompt=n, seed=1, **KW) for p, n in prompts[1:]]
+    compiles = []  # every XLA compilation in this process, the text encoder's and eager ops' too
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration" and listening:
+            compiles.append(event)
+
+    listening = True
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        outs += [pipe.generate(p, negative_prompt=n, seed=1, **KW) for p, n in prompts[1:]]
+    finally:
+        listening = False
+        unregister = getattr(jax.monitoring, "unregister_event_duration_listener", None)
+        if unregister is not None:
+            unregister(listener)
     assert fn._cache_size() == compiled
+    assert compiles == []
     assert len({o.latents.tobytes() for o in outs}) == len(prompts)

@@ -93,12 +93,13 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     prompts of the batch are padded with empty-prompt chunks to the same chunk count.
     tokenizer, te_state: use these instead of the pipeline's (embeddings, LoRA-merged weights).
     """
-    encoded = encode_texts(pipe, list(prompts_) + list(negatives), clip_skip, tokenizer=tokenizer, te_state=te_state)
-    return encoded[:len(prompts_)], encoded[len(prompts_):]
+    encoded = np.asarray(encode_texts(pipe, list(prompts_) + list(negatives), clip_skip, tokenizer=tokenizer,
+                                      te_state=te_state))
+    return jnp.asarray(encoded[:len(prompts_)]), jnp.asarray(encoded[len(prompts_):])
 
 
-def encode_texts(pipe, texts: Sequence[str], clip_skip: int = 1, *, tokenizer=None, te_state=None) -> jax.Array:
-    """`encode_prompts` for a list of texts: float32 (len(texts), n * 77, D), all padded to the
+def encode_texts(pipe, texts: Sequence[str], clip_skip: int = 1, *, tokenizer=None, te_state=None) -> np.ndarray:
+    """`encode_prompts` for a list of texts: numpy float32 (len(texts), n * 77, D), all padded to the
     same chunk count with empty-prompt chunks (A1111 pad_cond_uncond, batch-wide)."""
     tok = pipe.tokenizer if tokenizer is None else tokenizer
     empty = prompts.tokenize_prompt(tok, "")
@@ -115,7 +116,8 @@ def encode_texts(pipe, texts: Sequence[str], clip_skip: int = 1, *, tokenizer=No
     for text, t in tokens.items():
         t, _ = prompts.pad_to_same_chunks(t, widest, empty)  # A1111 pad_cond_uncond, batch-wide
         encoded[text] = prompts.encode_prompt(encode_fn, t, clip_skip)
-    return jnp.concatenate([encoded[t] for t in texts], axis=0)
+    # Joined on the host: a new number of texts must not compile anything on the device.
+    return np.concatenate([np.asarray(encoded[t]) for t in texts], axis=0)
 
 
 def conditioning_fields(pipe, prompts_: Sequence[str], negatives: Sequence[str], steps: int, clip_skip: int = 1, *,
@@ -128,10 +130,10 @@ def conditioning_fields(pipe, prompts_: Sequence[str], negatives: Sequence[str],
     strip = lambda t: prompts.extract_lora_tags(t).prompt  # noqa: E731  (A1111 parses after removing them)
     plan = prompts.plan_conditioning([strip(t) for t in prompts_], [strip(t) for t in negatives], steps,
                                      hires_steps=hires_steps)
-    table = encode_texts(pipe, plan.texts, clip_skip, tokenizer=tokenizer, te_state=te_state)
+    table = np.asarray(encode_texts(pipe, plan.texts, clip_skip, tokenizer=tokenizer, te_state=te_state))
     pad = prompts.bucket(table.shape[0]) - table.shape[0]
-    table = jnp.concatenate([table, jnp.zeros((pad,) + table.shape[1:], table.dtype)], axis=0)
-    return dict(cond=None, uncond=None, cond_table=table, cond_index=jnp.asarray(plan.cond_index),
+    table = np.concatenate([table, np.zeros((pad,) + table.shape[1:], table.dtype)], axis=0)  # host: no compile
+    return dict(cond=None, uncond=None, cond_table=jnp.asarray(table), cond_index=jnp.asarray(plan.cond_index),
                 uncond_index=jnp.asarray(plan.uncond_index), cond_weights=jnp.asarray(plan.weights))
 
 

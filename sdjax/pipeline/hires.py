@@ -163,7 +163,7 @@ def generate(pipe, request: Request, run_first: Callable, run_second: Callable):
     # A1111 crops the latents to [t // 2 : n - (t + 1) // 2] along each axis.
     init = init[:, trunc_y // 2:lh - (trunc_y + 1) // 2, trunc_x // 2:lw - (trunc_x + 1) // 2]
     second_request = dataclasses.replace(
-        r, hires=None, width=init.shape[2] * 8, height=init.shape[1] * 8, steps=hr.steps or r.steps,
+        r, hires=None, noise=None, width=init.shape[2] * 8, height=init.shape[1] * 8, steps=hr.steps or r.steps,
         sampler=hr.sampler or r.sampler, strength=hr.denoising_strength, prompt=hr.prompt or r.prompt,
         negative_prompt=hr.negative_prompt or r.negative_prompt)
     second = run_second(second_request, init, r.steps)

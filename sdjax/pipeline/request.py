@@ -249,5 +249,6 @@ class Request:
         return dataclasses.replace(self, width=width, height=height)
 
 
-__all__ = ["HiresFix", "LATENT_UPSCALERS", "Limits", "NUMERIC_KNOBS", "PIXEL_UPSCALERS", "Request", "RequestError", "SEED_MAX", "STATIC_KNOBS", "TASKS",
+__all__ = ["HiresFix", "LATENT_UPSCALERS", "Limits", "NUMERIC_KNOBS", "PIXEL_UPSCALERS", "Request", "RequestError",
+           "SEED_MAX", "STATIC_KNOBS", "TASKS",
            "check_request"]
