@@ -38,16 +38,14 @@ def test_edit_equals_two_stage_run(pipe):
     noise, keys = core.initial_noise(np.asarray([seed]), (8, 8, 4))
     first, second = _denoiser(pipe, "red cube"), _denoiser(pipe, "blue cube", "dull")
 
-    def two_stage(split):  # steps 0 .. split-1 with the first denoiser, the rest with the second
-        run = jax.jit(lambda x: sampling.sample("euler", second, sampling.sample(
-            "euler", first, x, sigmas[:split + 1], keys), sigmas[split:], keys))
-        return np.asarray(run(noise * sigmas[0]))
-
-    expected = two_stage(3)
+    run = jax.jit(lambda x: sampling.sample("euler", second, sampling.sample(
+        "euler", first, x, sigmas[:4], keys), sigmas[3:], keys))
+    expected = np.asarray(run(noise * sigmas[0]))
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out.latents, expected, atol=1e-6 * scale)
-    # Switching one step early (an exact half) is measurably different: the test can tell.
-    assert np.abs(two_stage(2) - out.latents).max() > 1e-4 * scale
+    # Switching one step early (k <= 1) is measurably different: the test can tell (no recompile).
+    early = pipe.generate("[red:blue:0.25] cube", negative_prompt="[dull:1]", seed=seed, **KW)
+    assert np.abs(early.latents - expected).max() > 1e-4 * scale
 
 
 def test_and_combines_weighted_deltas(pipe):
