@@ -121,7 +121,7 @@ def add_hires_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--hr-steps", type=int, help="hires fix: second-pass steps (default 0 = --steps)")
     s.add_argument("--hr-upscaler", help="hires fix: Latent (default), Latent (antialiased), Latent (bicubic), "
                                          "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
-                                         "Lanczos or Nearest")
+                                         "Lanczos, Nearest or None (a plain Lanczos resize)")
     s.add_argument("--hr-denoise", type=float, help="hires fix: second-pass denoising strength (default 0.7)")
     s.add_argument("--hr-sampler", help="hires fix: second-pass sampler (default: --sampler)")
     s.add_argument("--hr-prompt", help="hires fix: second-pass prompt (default: the prompt)")

@@ -131,8 +131,9 @@ LATENT_UPSCALERS = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-# Pixel-space upscalers: the PIL resampling filter (A1111's "Lanczos" and "Nearest" upscalers).
-PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+# Pixel-space upscalers: the PIL resampling filter (A1111's "Lanczos" and "Nearest" upscalers, and
+# "None": its plain resize, which is Lanczos too).
+PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST", "None": "LANCZOS"}
 
 
 @dataclasses.dataclass(frozen=True)
