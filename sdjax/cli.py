@@ -48,7 +48,7 @@ from sdjax.pipeline import batch
 from sdjax.pipeline.generator import model_hash
 from sdjax.pipeline.inpaint import to_pil_mask, to_pil_rgb
 from sdjax.pipeline.load import load_pipeline
-from sdjax.pipeline.request import Limits, Request, check_request
+from sdjax.pipeline.request import HiresFix, Limits, Request, check_request
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
+            add_hires_flags(s)
         else:
             s.add_argument("--image", required=True, help="the init image")
         s.add_argument("--strength", type=float, help="denoising strength in (0, 1] (default 0.75)")
@@ -120,6 +121,32 @@ def _parser() -> argparse.ArgumentParser:
             for side in ("left", "right", "up", "down"):
                 s.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
     return p
+
+
+def add_hires_flags(s: argparse.ArgumentParser) -> None:
+    """A1111's hires fix: on when any --hr-* flag is given (`sdjax.pipeline.hires`)."""
+    s.add_argument("--hr-scale", type=float, help="hires fix: upscale by this factor (default 2)")
+    s.add_argument("--hr-resize-x", type=int, help="hires fix: target width (0 = from the height)")
+    s.add_argument("--hr-resize-y", type=int, help="hires fix: target height (0 = from the width)")
+    s.add_argument("--hr-steps", type=int, help="hires fix: second-pass steps (default 0 = --steps)")
+    s.add_argument("--hr-upscaler", help="hires fix: Latent (default), Latent (antialiased), Latent (bicubic), "
+                                         "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), "
+                                         "Lanczos, Nearest or None (a plain Lanczos resize)")
+    s.add_argument("--hr-denoise", type=float, help="hires fix: second-pass denoising strength (default 0.7)")
+    s.add_argument("--hr-sampler", help="hires fix: second-pass sampler (default: --sampler)")
+    s.add_argument("--hr-prompt", help="hires fix: second-pass prompt (default: the prompt)")
+    s.add_argument("--hr-negative-prompt", help="hires fix: second-pass negative prompt (default: the negative)")
+
+
+_HIRES_OPTIONS = {"hr_scale": "scale", "hr_resize_x": "resize_x", "hr_resize_y": "resize_y", "hr_steps": "steps",
+                  "hr_upscaler": "upscaler", "hr_denoise": "denoising_strength", "hr_sampler": "sampler",
+                  "hr_prompt": "prompt", "hr_negative_prompt": "negative_prompt"}
+
+
+def _hires(o: dict) -> HiresFix | None:
+    """The HiresFix the --hr-* options ask for; None when none is given."""
+    given = {field: o[k] for k, field in _HIRES_OPTIONS.items() if o.get(k) is not None}
+    return HiresFix(**given) if given else None
 
 
 def add_parallel_flags(s: argparse.ArgumentParser) -> None:
@@ -180,13 +207,19 @@ def _from_png(path: str) -> dict:
             "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
             "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
             "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("strength", float),
-            "Mask blur": ("mask_blur", float), "Eta": ("eta", float)}
+            "Mask blur": ("mask_blur", float), "Eta": ("eta", float),
+            "Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int),
+            "Hires resize-2": ("hr_resize_y", int), "Hires steps": ("hr_steps", int),
+            "Hires upscaler": ("hr_upscaler", str), "Hires sampler": ("hr_sampler", str),
+            "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str)}
     for key, (name, fn) in conv.items():
         if key in p:
             try:
                 out[name] = fn(p[key])
             except ValueError:
                 raise UsageError(f"{path}: {key} = {p[key]!r} is not a valid {fn.__name__}") from None
+    if "hr_upscaler" in out and "strength" in out:  # a hires fix image: the second pass's strength
+        out["hr_denoise"] = out.pop("strength")
     return out
 
 
@@ -228,6 +261,8 @@ def _check_request(options: dict, limits, where: str = "") -> Request:
             kw["strength"] = options["strength"]
     knobs = {k: options[k] for k in ("eta",) if options.get(k) is not None}
     try:
+        if _hires(options) is not None:
+            kw["hires"] = _hires(options)
         check_request(batch_count=options.get("batch_count"))  # a CLI option, not part of a request
         return Request(options.get("prompt", ""), **kw, knobs=knobs, limits=limits)
     except SdjaxError as e:
@@ -280,6 +315,8 @@ def _generate_kwargs(o: dict, command: str) -> dict:
     if command == "outpaint":
         kw.update(mask_blur=o["mask_blur"], strength=o["strength"] if "strength" in o.get("_explicit", ()) else 1.0)
         kw["inpainting_fill"] = o["masked_content"] if "masked_content" in o.get("_explicit", ()) else "fill"
+    if _hires(o) is not None:
+        kw["hires"] = _hires(o)
     kw.update(network_kwargs(o))  # LoRA, embeddings, ControlNet (sdjax.cli_networks)
     return kw
 

@@ -6,6 +6,7 @@
     generator.py   `Generator`: a Request -> images (prompts, seeds, init images, PNG parameters)
     inputs.py      `Inputs`: the traced inputs of the compiled function, one typed pytree
     core.py        the compiled function: noise, guided denoiser, ControlNet hook, scan, decode
+    hires.py       A1111's hires fix: first pass, latent or pixel upscale, img2img second pass
     inpaint.py     img2img / inpaint / outpaint preparation on the host (masks, crops, paste back)
     control.py     ControlNet: loading, control images, per-step scales, `ControlNetUnit`
     canny.py       Canny edges in numpy (the "canny" preprocessor)
@@ -17,5 +18,6 @@
 
 from sdjax.pipeline.components import VAE, Component, TextEncoder, UNet
 from sdjax.pipeline.load import Pipeline, load_pipeline
+from sdjax.pipeline.request import HiresFix
 
-__all__ = ["Component", "Pipeline", "TextEncoder", "UNet", "VAE", "load_pipeline"]
+__all__ = ["Component", "HiresFix", "Pipeline", "TextEncoder", "UNet", "VAE", "load_pipeline"]

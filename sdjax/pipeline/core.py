@@ -110,80 +110,128 @@ class Spec:
             raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
 
 
-def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond: jax.Array, uncond: jax.Array,
-                    cfg_scale: jax.Array, extra_channels: jax.Array | None = None, *,
-                    residuals: Callable | None = None, timestep_mode: str = "continuous") -> Callable:
-    """x0-space denoiser with classifier-free guidance; cond and uncond run as one batch of 2B.
+def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond, cfg_scale: jax.Array,
+                    extra_channels: jax.Array | None = None, *, residuals: Callable | None = None,
+                    timestep_mode: str = "continuous", conditioning: Callable | None = None,
+                    weights: jax.Array | None = None) -> Callable:
+    """x0-space denoiser with classifier-free guidance; cond and uncond run as one UNet batch.
 
-    unet(x_scaled (2B,h,w,c'), t (2B,), context (2B, L, D), **residuals) -> eps or v.
-    cond, uncond: (B, L, D). cfg_scale: scalar or (B, 1, 1, 1), traced. extra_channels
-    (B, h, w, k) are concatenated to the UNet input after c_in scaling (inpainting checkpoints).
-    residuals: optional hook `residuals(x_scaled, t, context) -> dict` of extra UNet keyword
-    arguments (ControlNet's `down_residuals` / `mid_residual`), passed through unchanged.
+    unet(x_scaled (n,h,w,c'), t (n,), context (n, L, D), **residuals) -> eps or v.
+    cond, uncond: (B, L, D), the same at every step. Or `conditioning(sigma) -> (cond (B, S, L, D),
+    uncond (B, L, D))`, the conditioning in force at noise level sigma (prompt scheduling; cond
+    and uncond are then ignored), with S sub-prompts combined as A1111's composable diffusion:
+    uncond + sum_s (cond_s - uncond) * (weights[:, s] * cfg_scale); weights (B, S), traced.
+    The UNet batch is [cond rows (B*S, image-major), uncond rows (B)].
+    cfg_scale: scalar or (B, 1, 1, 1), traced. extra_channels (B, h, w, k) are concatenated to
+    the UNet input after c_in scaling (inpainting checkpoints). residuals: optional hook
+    `residuals(x_scaled, t, context, n_cond) -> dict` of extra UNet keyword arguments
+    (ControlNet's `down_residuals` / `mid_residual`), n_cond = B*S the cond rows.
     """
-    context = jnp.concatenate([cond, uncond], axis=0)
+    if conditioning is None:
+        def conditioning(sigma):
+            return cond[:, None], uncond
 
-    def network(x_scaled, t):
-        kwargs = residuals(x_scaled, t, context) if residuals is not None else {}
+    def network(x_scaled, t, context, n_cond):
+        kwargs = residuals(x_scaled, t, context, n_cond) if residuals is not None else {}
         if extra_channels is not None:
-            extra = jnp.concatenate([extra_channels, extra_channels], axis=0).astype(x_scaled.dtype)
+            extra = _rows(extra_channels, n_cond // extra_channels.shape[0]).astype(x_scaled.dtype)
             x_scaled = jnp.concatenate([x_scaled, extra], axis=-1)
         return unet(x_scaled, t, context, **kwargs)
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
     def denoise(x, sigma):
-        x0 = base(jnp.concatenate([x, x], axis=0), sigma)
-        x0_cond, x0_uncond = jnp.split(x0, 2, axis=0)
-        return sampling.cfg(x0_cond, x0_uncond, cfg_scale)
+        cond_, uncond_ = conditioning(sigma)
+        b, s = cond_.shape[:2]
+        context = jnp.concatenate([cond_.reshape((b * s,) + cond_.shape[2:]), uncond_], axis=0)
+        x0 = base(_rows(x, s), sigma, context, b * s)
+        x0_cond = x0[:b * s].reshape((b, s) + x.shape[1:])
+        x0_uncond = x0[b * s:]
+        if weights is None and s == 1:
+            return sampling.cfg(x0_cond[:, 0], x0_uncond, cfg_scale)
+        w = jnp.ones((b, s), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+        scale = jnp.reshape(jnp.asarray(cfg_scale, jnp.float32), (-1,) + (1,) * (x.ndim - 1))
+        guided = x0_uncond
+        for j in range(s):  # A1111's CFGDenoiser.combine_denoised, one sub-prompt after another
+            factor = w[:, j].reshape((b,) + (1,) * (x.ndim - 1)) * scale
+            guided = guided + (x0_cond[:, j] - x0_uncond) * factor.astype(x.dtype)
+        return guided
 
     return denoise
+
+
+def _rows(x: jax.Array, s: int) -> jax.Array:
+    """[each image repeated s times (image-major), then every image once]: (B*s + B, ...)."""
+    return jnp.concatenate([jnp.repeat(x, s, axis=0) if s > 1 else x, x], axis=0)
+
+
+def step_index(level: jax.Array, levels: jax.Array, steps: int) -> jax.Array:
+    """The sampler step i (int32, 0 <= i < steps) of a network evaluation at noise level `level`.
+
+    levels: the decreasing schedule, (steps + 1,) sigmas (or the matching UNet timesteps: any
+    decreasing map of sigma works). Step i runs from levels[i] down to levels[i + 1]; an
+    evaluation at a level in (levels[i + 1], levels[i]] -- its start, or a Heun/DPM2 midpoint --
+    belongs to step i. level may be a scalar or any array of equal values."""
+    level = jnp.max(jnp.asarray(level, jnp.float32))
+    i = jnp.sum(jnp.asarray(levels, jnp.float32)[1:steps] >= level)
+    return jnp.clip(i, 0, steps - 1).astype(jnp.int32)
+
+
+def scheduled_conditioning(inputs: Inputs, sigmas: jax.Array, start: jax.Array) -> Callable:
+    """`conditioning(sigma) -> (cond (B, S, L, D), uncond (B, L, D))` for `guided_denoiser` from
+    the traced tables (`Inputs.cond_table`, `cond_index`, `uncond_index`): the rows of the run's
+    0-based step k = (the evaluation's step in `sigmas`) - start, as A1111 counts its steps."""
+    steps = inputs.cond_index.shape[1]
+
+    def conditioning(sigma):
+        k = jnp.clip(step_index(sigma, sigmas, sigmas.shape[0] - 1) - start, 0, steps - 1)
+        table = inputs.cond_table
+        return table[inputs.cond_index[:, k]], table[inputs.uncond_index[:, k]]
+
+    return conditioning
 
 
 def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax.Array:
     """The per-step scale in force for a network evaluation at noise level `level` (traced).
 
     levels: the sampler's decreasing schedule, (steps + 1,) sigmas ending in 0 (or the
-    matching UNet timesteps, if the caller sees timesteps: any decreasing map of sigma works).
-    Step i runs from levels[i] down to levels[i + 1]; an evaluation at a level in
-    (levels[i + 1], levels[i]] -- its start, or a Heun/DPM2 midpoint -- belongs to step i.
+    matching UNet timesteps); the evaluation's step is `step_index`.
     step_scales: (steps,) or (steps, n_controlnets), from `controlnet_step_scales`. For
     img2img starting at step `start`, compute them for the `steps - start` steps run (as
     diffusers does) and left-pad with `start` zero rows.
     level may be a scalar or any array of equal values (e.g. the (2B,) timesteps); returns
     step_scales[i] (scalar or (n_controlnets,)), float32.
     """
-    level = jnp.max(jnp.asarray(level, jnp.float32))
-    steps = step_scales.shape[0]
-    i = jnp.sum(jnp.asarray(levels, jnp.float32)[1:steps] >= level)
-    return jnp.asarray(step_scales, jnp.float32)[jnp.clip(i, 0, steps - 1)]
+    i = step_index(level, levels, step_scales.shape[0])
+    return jnp.asarray(step_scales, jnp.float32)[i]
 
 
 def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False) -> Callable:
-    """`hook(x_scaled (2B,h,w,4), t (2B,), context (2B,L,D)) -> {down_residuals, mid_residual}`
+    """`hook(x_scaled (n,h,w,4), t (n,), context (n,L,D), n_cond) -> {down_residuals, mid_residual}`
     for `guided_denoiser`. static: ((ControlNet graphdef, guess_mode), ...); control: the traced
     {"states", "images", "scales"} (`Inputs.control`); levels: the UNet timesteps of the sigma
     schedule, (steps+1,), to find the step of an evaluation (`scale_at`).
 
-    As diffusers: our CFG batch is [cond, uncond], so the image is repeated to 2B; guess mode runs
-    the ControlNet on the cond half only and gives the uncond half zero residuals; several
-    ControlNets' residuals are summed."""
+    As diffusers: our CFG batch is [cond rows (n_cond), uncond rows], so the image is repeated to
+    every row; guess mode runs the ControlNet on the cond rows only and gives the uncond rows zero
+    residuals; several ControlNets' residuals are summed."""
 
-    def hook(x_scaled, t, context):
-        b = x_scaled.shape[0] // 2
+    def hook(x_scaled, t, context, n_cond):
+        b = n_cond
+        n = x_scaled.shape[0]
         scales = scale_at(t, levels, control["scales"])
         if record:
             jax.debug.callback(_record_callback, t[0], scales)
         outputs = []
         for j, (graphdef, guess) in enumerate(static):
             net = nnx.merge(graphdef, control["states"][j])
-            image = jnp.broadcast_to(control["images"][j], (b,) + control["images"][j].shape[1:])
-            if guess:  # cond half only (our CFG batch is [cond, uncond]); uncond gets zeros
-                down, mid = net(x_scaled[:b], t[:b], context[:b], image, scales[j], guess_mode=True)
-                down = [jnp.concatenate([r, jnp.zeros_like(r)], axis=0) for r in down]
-                mid = jnp.concatenate([mid, jnp.zeros_like(mid)], axis=0)
+            image = jnp.broadcast_to(control["images"][j], (n,) + control["images"][j].shape[1:])
+            if guess:  # cond rows only (our CFG batch is [cond, uncond]); uncond gets zeros
+                down, mid = net(x_scaled[:b], t[:b], context[:b], image[:b], scales[j], guess_mode=True)
+                pad = lambda r: jnp.concatenate([r, jnp.zeros((n - b,) + r.shape[1:], r.dtype)], axis=0)  # noqa: E731
+                down, mid = [pad(r) for r in down], pad(mid)
             else:
-                down, mid = net(x_scaled, t, context, jnp.concatenate([image, image], axis=0), scales[j])
+                down, mid = net(x_scaled, t, context, image, scales[j])
             outputs.append((down, mid))
         down, mid = sum_residuals(outputs)
         return {"down_residuals": down, "mid_residual": mid}
@@ -226,8 +274,12 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
             levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
             residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control)
+        conditioning = None
+        if inputs.cond_table is not None:  # prompt scheduling / AND: per-step rows of a traced table
+            conditioning = scheduled_conditioning(inputs, sigmas, start)
         denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
-                                  residuals=residuals, timestep_mode=spec.timestep_mode)
+                                  residuals=residuals, timestep_mode=spec.timestep_mode,
+                                  conditioning=conditioning, weights=inputs.cond_weights)
         if blend:
             # A1111 (CFGDenoiser, mask applied after denoising): outside the mask the x0
             # prediction is the original latent, so those latents stay at the noised original.
@@ -267,6 +319,7 @@ class _HostHooks:
         self.progress: list[Callable[[int], None]] = []
         self.preview: list[Callable[[int, np.ndarray], None]] = []
         self.record: list[Callable[[float, np.ndarray], None]] = []
+        self.steps: list[Callable[[int, tuple], None]] = []
 
     @contextlib.contextmanager
     def installed(self, kind: str, fn: Callable | None) -> Iterator[None]:
@@ -289,6 +342,8 @@ def _progress_callback(i, x, x0_pred, sigma):
         fn(int(i))
     for fn in list(_HOOKS.preview):
         fn(int(i), np.asarray(x0_pred))
+    for fn in list(_HOOKS.steps):
+        fn(int(i), tuple(np.shape(x)))
 
 
 def _record_callback(t, scales):
@@ -308,6 +363,13 @@ def preview_hook(fn: Callable[[int, np.ndarray], None] | None):
     prediction x0_pred (B, h, w, C) float32, scaled latents (`sdjax.pipeline.preview`). It rides
     on the progress callback, which passes x0_pred anyway: previews compile nothing new."""
     return _HOOKS.installed("preview", fn)
+
+
+def record_steps(fn: Callable[[int, tuple], None]):
+    """Context manager: while active, functions built with `Spec(progress=True)` call
+    `fn(step_index, latents_shape)` on the host after each sampler step: the step's index in the
+    schedule and the (B, h, w, C) shape of the latents it stepped (e.g. to see both hires passes)."""
+    return _HOOKS.installed("steps", fn)
 
 
 def record_scales(fn: Callable[[float, np.ndarray], None]):

@@ -30,7 +30,7 @@ from sdjax import metadata, parallel, prompts, sampling
 from sdjax.errors import NonFiniteError, TaskError
 from sdjax.images import to_pil
 from sdjax.models.vae import AutoencoderKL
-from sdjax.pipeline import control, core, inpaint, networks
+from sdjax.pipeline import control, core, hires, inpaint, networks
 from sdjax.pipeline.inputs import Inputs, shard
 from sdjax.pipeline.request import STATIC_KNOBS, Request, check_request
 from sdjax.weights.diffusers import abstract_model
@@ -93,11 +93,18 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     prompts of the batch are padded with empty-prompt chunks to the same chunk count.
     tokenizer, te_state: use these instead of the pipeline's (embeddings, LoRA-merged weights).
     """
+    encoded = np.asarray(encode_texts(pipe, list(prompts_) + list(negatives), clip_skip, tokenizer=tokenizer,
+                                      te_state=te_state))
+    return jnp.asarray(encoded[:len(prompts_)]), jnp.asarray(encoded[len(prompts_):])
+
+
+def encode_texts(pipe, texts: Sequence[str], clip_skip: int = 1, *, tokenizer=None, te_state=None) -> np.ndarray:
+    """`encode_prompts` for a list of texts: numpy float32 (len(texts), n * 77, D), all padded to the
+    same chunk count with empty-prompt chunks (A1111 pad_cond_uncond, batch-wide)."""
     tok = pipe.tokenizer if tokenizer is None else tokenizer
     empty = prompts.tokenize_prompt(tok, "")
     # <lora:...> tags are applied to the weights by the caller, not encoded (A1111).
-    tokens = {t: prompts.tokenize_prompt(tok, prompts.extract_lora_tags(t).prompt)
-              for t in dict.fromkeys(list(prompts_) + list(negatives))}
+    tokens = {t: prompts.tokenize_prompt(tok, prompts.extract_lora_tags(t).prompt) for t in dict.fromkeys(texts)}
     n = max(t.n_chunks for t in tokens.values())
     widest = prompts.PromptTokens(np.repeat(empty.ids, n, 0), np.repeat(empty.weights, n, 0))
     fn = core.text_encoder_fn(pipe.text_encoder.graphdef)
@@ -109,9 +116,25 @@ def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip
     for text, t in tokens.items():
         t, _ = prompts.pad_to_same_chunks(t, widest, empty)  # A1111 pad_cond_uncond, batch-wide
         encoded[text] = prompts.encode_prompt(encode_fn, t, clip_skip)
-    cond = jnp.concatenate([encoded[t] for t in prompts_], axis=0)
-    uncond = jnp.concatenate([encoded[t] for t in negatives], axis=0)
-    return cond, uncond
+    # Joined on the host: a new number of texts must not compile anything on the device.
+    return np.concatenate([np.asarray(encoded[t]) for t in texts], axis=0)
+
+
+def conditioning_fields(pipe, prompts_: Sequence[str], negatives: Sequence[str], steps: int, clip_skip: int = 1, *,
+                        hires_steps: int | None = None, tokenizer=None, te_state=None) -> dict[str, Any]:
+    """The traced conditioning inputs (`Inputs.cond_table` / `cond_index` / `uncond_index` /
+    `cond_weights`) of a batch: A1111 prompt editing, alternation and AND
+    (`sdjax.prompts.scheduling.plan_conditioning`, schedules over `steps`, or the hires pass's
+    `hires_steps` counted on from `steps`). The table's rows are padded with zeros to
+    `prompts.bucket(n)` rows, so a new prompt or schedule recompiles nothing."""
+    strip = lambda t: prompts.extract_lora_tags(t).prompt  # noqa: E731  (A1111 parses after removing them)
+    plan = prompts.plan_conditioning([strip(t) for t in prompts_], [strip(t) for t in negatives], steps,
+                                     hires_steps=hires_steps)
+    table = np.asarray(encode_texts(pipe, plan.texts, clip_skip, tokenizer=tokenizer, te_state=te_state))
+    pad = prompts.bucket(table.shape[0]) - table.shape[0]
+    table = np.concatenate([table, np.zeros((pad,) + table.shape[1:], table.dtype)], axis=0)  # host: no compile
+    return dict(cond=None, uncond=None, cond_table=jnp.asarray(table), cond_index=jnp.asarray(plan.cond_index),
+                uncond_index=jnp.asarray(plan.uncond_index), cond_weights=jnp.asarray(plan.weights))
 
 
 def img2img_start(strength: float, steps: int) -> int:
@@ -224,8 +247,21 @@ class Generator:
 
         Decoded images are checked for NaN / inf: a non-float32 VAE decodes again in float32 once
         (A1111's --no-half-vae fallback, with a warning), else `NonFiniteError`.
+        With `request.hires` (a `HiresFix`): A1111's hires fix, two passes (`sdjax.pipeline.hires`).
         Raises TaskError / UnknownNameError (both `SdjaxError`) for bad input.
         """
+        run = dict(progress=progress, record_control=record_control, devices=devices, fsdp=fsdp, mesh=mesh)
+        if request.hires is not None:
+            return hires.generate(
+                self.pipe, request, lambda r, extra: self._generate(r, extra_infotext=extra, **run),
+                lambda r, init, first_steps: self._generate(r, init_latents=init, first_pass_steps=first_steps, **run))
+        return self._generate(request, **run)
+
+    def _generate(self, request: Request, *, progress, record_control, devices, fsdp, mesh,
+                  init_latents: np.ndarray | None = None, first_pass_steps: int | None = None,
+                  extra_infotext: dict | None = None) -> GenerationResult:
+        """One pass. init_latents (B, h, w, C) scaled: img2img from these latents (the hires
+        fix's second pass, whose prompt schedules count on from `first_pass_steps`)."""
         pipe, r = self.pipe, request
         if mesh is None and devices is not None:
             try:
@@ -246,6 +282,8 @@ class Generator:
         native = native_size(pipe)
         r = r.sized(width or native, height or native)  # checked again, now complete
         width, height, task, b = r.width, r.height, r.task, int(r.batch_size)
+        if init_latents is not None:
+            task = "img2img"
         start = img2img_start(r.strength, steps) if task != "txt2img" else 0
 
         prompt_list = _as_list(r.prompt, b, "prompt")
@@ -269,13 +307,14 @@ class Generator:
                                        lora_strict=r.lora_strict, embeddings=r.embeddings,
                                        embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
                                        lora_cache=self.loras)
-        cond, uncond = encode_prompts(pipe, nets.prompts, nets.negatives, r.clip_skip, tokenizer=nets.tokenizer,
-                                      te_state=nets.te_state)
         per_image_cfg = isinstance(r.cfg_scale, (list, tuple))
         cfg = jnp.asarray(np.asarray(cfg_list, np.float32).reshape(b, 1, 1, 1)) if per_image_cfg \
             else jnp.float32(r.cfg_scale)
         fields: dict[str, Any] = dict(
-            cond=cond, uncond=uncond, cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas),
+            **conditioning_fields(pipe, nets.prompts, nets.negatives, first_pass_steps or steps, r.clip_skip,
+                                  hires_steps=steps if first_pass_steps else None, tokenizer=nets.tokenizer,
+                                  te_state=nets.te_state),
+            cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
             knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         unet_in = int(pipe.unet.config.in_channels)
@@ -283,7 +322,9 @@ class Generator:
         job = None
         params_extra: dict[str, Any] = {}
         vae_enc = core.vae_encode_fn(pipe.vae.graphdef, pipe.vae.scaling_factor)
-        if task == "img2img":
+        if task == "img2img" and init_latents is not None:
+            fields["init_latents"] = jnp.asarray(init_latents, jnp.float32)
+        elif task == "img2img":
             pixels = inpaint.pil_to_array(init_pil if init_pil.size == (width, height)
                                           else init_pil.resize((width, height), Image.Resampling.LANCZOS))
             init = vae_enc(pipe.vae.state, jnp.asarray(pixels)[None])
@@ -305,6 +346,7 @@ class Generator:
             raise TaskError("this is an inpainting checkpoint (9-channel UNet): pass init_image and mask")
 
         params_extra.update(nets.infotext)
+        params_extra.update(extra_infotext or {})
         control_static: tuple = ()
         if r.controlnets:
             if job is not None and r.inpaint_full_res:
@@ -347,5 +389,5 @@ class Generator:
         return GenerationResult(pil, latents, infotexts, seeds)
 
 
-__all__ = ["GenerationResult", "Generator", "discrete_model", "encode_prompts", "finite_images", "img2img_start",
-           "model_hash", "native_size"]
+__all__ = ["GenerationResult", "Generator", "conditioning_fields", "discrete_model", "encode_prompts", "encode_texts",
+           "finite_images", "img2img_start", "model_hash", "native_size"]

@@ -27,6 +27,11 @@ class Inputs:
     init * fill_keep + noise * fill_noise -- A1111 "original"/"fill" = (1, 0), "latent noise" =
     (0, 1), "latent nothing" = (0, 0)); masked_latents (B, h, w, c) (9-channel inpaint);
     control: {"states", "images" (1, H, W, 3) each, "scales" (steps, n_units)} (ControlNet).
+    Prompt scheduling and AND (`sdjax.prompts.scheduling`): cond_table (K, L, D) every distinct
+    conditioning (prompts and negative prompts; K padded to a bucket); cond_index int32
+    (B, steps, S): the table row of sub-prompt s at 0-based run step k; uncond_index int32
+    (B, steps); cond_weights (B, S) the AND weights (0 = padding). With them cond and uncond are
+    None; without them cond, uncond are used for every step.
     """
 
     cond: jax.Array
@@ -43,10 +48,14 @@ class Inputs:
     fill_noise: jax.Array | None = None
     masked_latents: jax.Array | None = None
     control: dict[str, Any] | None = None
+    cond_table: jax.Array | None = None
+    cond_index: jax.Array | None = None
+    uncond_index: jax.Array | None = None
+    cond_weights: jax.Array | None = None
 
 
 # Fields without a batch axis (replicated when the batch is sharded).
-UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control")
+UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control", "cond_table")
 
 
 def shard(inputs: Inputs, mesh, batch: int) -> Inputs:

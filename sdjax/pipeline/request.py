@@ -122,6 +122,53 @@ NUMERIC_KNOBS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax", "r")
 TASKS = ("txt2img", "img2img", "inpaint")
 
 
+# A1111's latent upscalers (modules/shared_items latent_upscale_modes): torch interpolate mode, antialias.
+LATENT_UPSCALERS = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+# Pixel-space upscalers: the PIL resampling filter (A1111's "Lanczos" and "Nearest" upscalers, and
+# "None": its plain resize, which is Lanczos too).
+PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST", "None": "LANCZOS"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix (`sdjax.pipeline.hires`): scale (hr_scale) or resize_x / resize_y
+    (hr_resize_x/y, 0 = from the other one and the aspect ratio); steps: the second pass's steps
+    (hr_second_pass_steps, 0 = the first pass's); upscaler: a `LATENT_UPSCALERS` or
+    `PIXEL_UPSCALERS` name; denoising_strength: the second pass's strength in (0, 1]; sampler,
+    prompt, negative_prompt: the second pass's (None or "" = the first pass's)."""
+
+    scale: float = 2.0
+    resize_x: int = 0
+    resize_y: int = 0
+    steps: int = 0
+    upscaler: str = "Latent"
+    denoising_strength: float = 0.7
+    sampler: str | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+    def check(self, schedule: str | None, limits: Limits | None) -> None:
+        _float("hires scale", self.scale, 0.0, 16.0, lo_open=True)
+        _int("hires resize_x", self.resize_x, 0)
+        _int("hires resize_y", self.resize_y, 0)
+        if self.steps:
+            check_request(steps=self.steps, limits=limits)
+        _int("hires steps", self.steps, 0)
+        _float("hires denoising_strength", self.denoising_strength, 0.0, 1.0, lo_open=True)
+        if self.upscaler not in LATENT_UPSCALERS and self.upscaler not in PIXEL_UPSCALERS:
+            raise RequestError(f"unknown hires upscaler {self.upscaler!r}; use one of "
+                               f"{sorted(LATENT_UPSCALERS) + sorted(PIXEL_UPSCALERS)}")
+        if self.sampler is not None:
+            sampling.resolve(self.sampler, schedule)
+
+
 @dataclasses.dataclass(frozen=True)
 class Request:
     """What to generate; see `Pipeline.generate` for the meaning of each field.
@@ -134,7 +181,7 @@ class Request:
     knobs: sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r; order, solver_type,
     lower_order_final pick code paths).
     seed and cfg_scale may also be one value per image (a list of batch_size values), which
-    `sdjax.pipeline.xyz` uses to run an X/Y/Z plot's cells in one compiled call.
+    `sdjax.pipeline.xyz` uses to run an X/Y/Z plot's cells in one compiled call. hires: a `HiresFix` (txt2img only).
     """
 
     prompt: str | Sequence[str]
@@ -170,6 +217,7 @@ class Request:
     controlnets: Sequence[Any] | None = None
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     limits: Limits | None = None
+    hires: HiresFix | None = None
 
     def __post_init__(self):
         per_image = {k: getattr(self, k) for k in ("seed", "cfg_scale")
@@ -199,6 +247,12 @@ class Request:
             object.__setattr__(self, "batch_size", n)
         if self.init_image is None and self.mask is not None:
             raise TaskError("a mask needs an init image")
+        if self.hires is not None:
+            if not isinstance(self.hires, HiresFix):
+                raise TaskError(f"hires must be a HiresFix, got {type(self.hires).__name__}")
+            self.hires.check(self.schedule, self.limits)
+            if self.init_image is not None:
+                raise TaskError("hires fix is for txt2img: drop the init image, or drop hires")
 
     @property
     def task(self) -> str:
@@ -210,5 +264,6 @@ class Request:
         return dataclasses.replace(self, width=width, height=height)
 
 
-__all__ = ["Limits", "NUMERIC_KNOBS", "Request", "RequestError", "SEED_MAX", "STATIC_KNOBS", "TASKS",
+__all__ = ["HiresFix", "LATENT_UPSCALERS", "Limits", "NUMERIC_KNOBS", "PIXEL_UPSCALERS", "Request", "RequestError",
+           "SEED_MAX", "STATIC_KNOBS", "TASKS",
            "check_request"]

@@ -1,7 +1,8 @@
-"""Prompts: A1111 attention syntax, 75-token chunks, <lora:...> tags, weighted encoding.
+"""Prompts: A1111 attention syntax, prompt editing / alternation / AND, 75-token chunks,
+<lora:...> tags, weighted encoding.
 
-Host side (numpy, no JAX): `parse_prompt_attention`, `tokenize_prompt`,
-`pad_to_same_chunks`, `extract_lora_tags`. Device side (jnp, jit-friendly):
+Host side (numpy, no JAX): `parse_prompt_attention`, `prompt_schedule`, `split_and`,
+`plan_conditioning`, `tokenize_prompt`, `pad_to_same_chunks`, `extract_lora_tags`. Device side (jnp, jit-friendly):
 `apply_emphasis`, `encode_prompt`.
 """
 
@@ -20,9 +21,23 @@ from sdjax.prompts.chunks import (
     tokenize_prompt,
 )
 from sdjax.prompts.emphasis import PromptError, parse_prompt_attention
+from sdjax.prompts.scheduling import (
+    ConditioningPlan,
+    bucket,
+    get_schedules,
+    plan_conditioning,
+    prompt_schedule,
+    split_and,
+)
 
 __all__ = [
     "CHUNK_LENGTH",
+    "ConditioningPlan",
+    "bucket",
+    "get_schedules",
+    "plan_conditioning",
+    "prompt_schedule",
+    "split_and",
     "ExtraNetworkTags",
     "PromptError",
     "PromptTokens",
