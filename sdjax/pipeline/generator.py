@@ -250,14 +250,15 @@ class Generator:
         With `request.hires` (a `HiresFix`): A1111's hires fix, two passes (`sdjax.pipeline.hires`).
         Raises TaskError / UnknownNameError (both `SdjaxError`) for bad input.
         """
-        run = dict(progress=progress, record_control=record_control, devices=devices, fsdp=fsdp, mesh=mesh)
+        run = dict(progress=progress, preview=preview, record_control=record_control, devices=devices, fsdp=fsdp,
+                   mesh=mesh)
         if request.hires is not None:
             return hires.generate(
                 self.pipe, request, lambda r, extra: self._generate(r, extra_infotext=extra, **run),
                 lambda r, init, first_steps: self._generate(r, init_latents=init, first_pass_steps=first_steps, **run))
         return self._generate(request, **run)
 
-    def _generate(self, request: Request, *, progress, record_control, devices, fsdp, mesh,
+    def _generate(self, request: Request, *, progress, preview, record_control, devices, fsdp, mesh,
                   init_latents: np.ndarray | None = None, first_pass_steps: int | None = None,
                   extra_infotext: dict | None = None) -> GenerationResult:
         """One pass. init_latents (B, h, w, C) scaled: img2img from these latents (the hires
