@@ -98,6 +98,10 @@ class ControlNetConfig:
             unet = UNetConfig.from_dict(unet_dict)
         except ConfigError as e:
             raise ConfigError(f"controlnet config: {str(e).removeprefix('unet config: ')}") from None
+        if unet.addition_embed_type is not None:
+            # The ControlNet body here has no add_embedding: an SDXL ControlNet would run unconditioned.
+            raise ConfigError(f"controlnet config: addition_embed_type={unet.addition_embed_type!r} (an SDXL "
+                              "ControlNet) is not supported yet; sdjax runs SD 1.x / 2.x ControlNets")
 
         order = d.get("controlnet_conditioning_channel_order", "rgb")
         if order not in ("rgb", "bgr"):
