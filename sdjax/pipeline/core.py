@@ -92,7 +92,8 @@ class Spec:
     timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`);
     controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.pipeline.control`; their states,
     images and per-step scales are the traced `inputs.control`); record_control: report the
-    ControlNet scales used at each evaluation (`record_scales`).
+    ControlNet scales used at each evaluation (`record_scales`); refiner: the SDXL refiner UNet's
+    graphdef, or None (its state and conditioning are the traced `inputs.refiner_*`).
     """
 
     sampler: str
@@ -103,6 +104,7 @@ class Spec:
     timestep_mode: str = "continuous"
     controlnets: tuple = ()
     record_control: bool = False
+    refiner: Any = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -111,7 +113,8 @@ class Spec:
 
 def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond: jax.Array, uncond: jax.Array,
                     cfg_scale: jax.Array, extra_channels: jax.Array | None = None, *,
-                    residuals: Callable | None = None, timestep_mode: str = "continuous") -> Callable:
+                    residuals: Callable | None = None, timestep_mode: str = "continuous",
+                    added: tuple | None = None) -> Callable:
     """x0-space denoiser with classifier-free guidance; cond and uncond run as one batch of 2B.
 
     unet(x_scaled (2B,h,w,c'), t (2B,), context (2B, L, D), **residuals) -> eps or v.
@@ -119,15 +122,19 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond: jax.Arr
     (B, h, w, k) are concatenated to the UNet input after c_in scaling (inpainting checkpoints).
     residuals: optional hook `residuals(x_scaled, t, context) -> dict` of extra UNet keyword
     arguments (ControlNet's `down_residuals` / `mid_residual`), passed through unchanged.
+    added: SDXL's (pooled, uncond_pooled, time_ids, uncond_time_ids), passed to the UNet as
+    `text_embeds` / `time_ids` (cond half first, as the context).
     """
     context = jnp.concatenate([cond, uncond], axis=0)
+    sdxl = {} if added is None else {"text_embeds": jnp.concatenate(added[:2], axis=0),
+                                     "time_ids": jnp.concatenate(added[2:], axis=0)}
 
     def network(x_scaled, t):
         kwargs = residuals(x_scaled, t, context) if residuals is not None else {}
         if extra_channels is not None:
             extra = jnp.concatenate([extra_channels, extra_channels], axis=0).astype(x_scaled.dtype)
             x_scaled = jnp.concatenate([x_scaled, extra], axis=-1)
-        return unet(x_scaled, t, context, **kwargs)
+        return unet(x_scaled, t, context, **kwargs, **sdxl)
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
@@ -225,8 +232,13 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
             levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
             residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control)
+        added = None if inputs.pooled is None else (inputs.pooled, inputs.uncond_pooled, inputs.time_ids,
+                                                    inputs.uncond_time_ids)
         denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
-                                  residuals=residuals, timestep_mode=spec.timestep_mode)
+                                  residuals=residuals, timestep_mode=spec.timestep_mode, added=added)
+        if spec.refiner is not None:
+            denoise = _with_refiner(denoise, model, nnx.merge(spec.refiner, inputs.refiner_state), inputs,
+                                    spec.timestep_mode)
         if blend:
             # A1111 (CFGDenoiser, mask applied after denoising): outside the mask the x0
             # prediction is the original latent, so those latents stay at the noised original.
@@ -247,6 +259,24 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
         return latents, jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
     return jax.jit(run)
+
+
+def _with_refiner(base: Callable, model: sampling.DiscreteModel, refiner_unet, inputs: Inputs,
+                  timestep_mode: str) -> Callable:
+    """The SDXL ensemble of experts: `base` above inputs.switch_sigma, the refiner's guided denoiser
+    (its own context, pooled embedding and aesthetic-score time ids; no extra inpainting channels)
+    at and below it. One `lax.cond` per evaluation, so only one UNet runs. An evaluation belongs
+    to the step it starts from, so multi-evaluation samplers switch between whole steps too."""
+    refine = guided_denoiser(model, refiner_unet, inputs.refiner_cond, inputs.refiner_uncond, inputs.cfg_scale,
+                             timestep_mode=timestep_mode,
+                             added=(inputs.refiner_pooled, inputs.refiner_uncond_pooled, inputs.refiner_time_ids,
+                                    inputs.refiner_uncond_time_ids))
+
+    def denoise(x, sigma):
+        use_base = jnp.max(jnp.asarray(sigma, jnp.float32)) > inputs.switch_sigma
+        return jax.lax.cond(use_base, base, refine, x, sigma)
+
+    return denoise
 
 
 def vae_dtype(vae_state) -> jnp.dtype:

@@ -27,6 +27,11 @@ class Inputs:
     init * fill_keep + noise * fill_noise -- A1111 "original"/"fill" = (1, 0), "latent noise" =
     (0, 1), "latent nothing" = (0, 0)); masked_latents (B, h, w, c) (9-channel inpaint);
     control: {"states", "images" (1, H, W, 3) each, "scales" (steps, n_units)} (ControlNet).
+    SDXL (None otherwise): pooled, uncond_pooled (B, P) pooled text embeddings; time_ids,
+    uncond_time_ids (B, n). Refiner hand-over: refiner_state (its UNet weights), refiner_cond /
+    refiner_uncond (B, L', D'), refiner_pooled / refiner_uncond_pooled, refiner_time_ids /
+    refiner_uncond_time_ids, and switch_sigma (): the base denoises at sigmas above it, the refiner
+    at and below it.
     """
 
     cond: jax.Array
@@ -43,10 +48,22 @@ class Inputs:
     fill_noise: jax.Array | None = None
     masked_latents: jax.Array | None = None
     control: dict[str, Any] | None = None
+    pooled: jax.Array | None = None
+    uncond_pooled: jax.Array | None = None
+    time_ids: jax.Array | None = None
+    uncond_time_ids: jax.Array | None = None
+    refiner_state: Any = None
+    refiner_cond: jax.Array | None = None
+    refiner_uncond: jax.Array | None = None
+    refiner_pooled: jax.Array | None = None
+    refiner_uncond_pooled: jax.Array | None = None
+    refiner_time_ids: jax.Array | None = None
+    refiner_uncond_time_ids: jax.Array | None = None
+    switch_sigma: jax.Array | None = None
 
 
 # Fields without a batch axis (replicated when the batch is sharded).
-UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control")
+UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control", "refiner_state", "switch_sigma")
 
 
 def shard(inputs: Inputs, mesh, batch: int) -> Inputs:
