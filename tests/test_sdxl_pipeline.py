@@ -217,3 +217,30 @@ def test_sdxl_refuses_what_it_does_not_support(base, tmp_path):
         pipe.generate(PROMPT, steps=2, width=W, height=H, clip_skip=2)
     with pytest.raises(TaskError, match="LoRA"):
         pipe.generate(PROMPT + " <lora:x:1>", steps=2, width=W, height=H)
+
+
+@pytest.mark.slow  # float16 compiles slowly on CPU (~40 s)
+def test_float16_sdxl_vae_overflow_is_decoded_again_in_float32(base):
+    """The SDXL VAE overflows in float16 (activations past 65504): the NaN images are detected and
+    decoded again in float32, as A1111 does. The decoder's first conv is scaled until it overflows
+    in float16 (its weights still finite there); without the retry this raises NonFiniteError."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    pipe16 = sdjax.load_pipeline(base[1].model_dir, dtype="float16")
+    kernel = next(v for p, v in nnx.to_flat_state(pipe16.vae.state)
+                  if tuple(map(str, p)) == ("decoder", "conv_in", "kernel"))
+    factor = 3e4 / float(np.abs(np.asarray(kernel.get_value(), np.float32)).max())
+
+    def scale(path, a):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        hit = names[:2] == ["decoder", "conv_in"] and "kernel" in names
+        return (a.astype(jnp.float32) * factor).astype(a.dtype) if hit else a
+
+    pipe16.vae.state = jax.tree_util.tree_map_with_path(scale, pipe16.vae.state)
+    kw = dict(steps=2, sampler="euler", width=W, height=H, seed=4)
+    with pytest.warns(RuntimeWarning, match="decoding again in float32"):
+        res = pipe16.generate(PROMPT, **kw)
+    pixels = np.asarray(res.images[0], np.float32)
+    assert np.isfinite(res.latents).all() and pixels.std() > 0
