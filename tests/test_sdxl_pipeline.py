@@ -244,3 +244,17 @@ def test_float16_sdxl_vae_overflow_is_decoded_again_in_float32(base):
         res = pipe16.generate(PROMPT, **kw)
     pixels = np.asarray(res.images[0], np.float32)
     assert np.isfinite(res.latents).all() and pixels.std() > 0
+
+
+@pytest.mark.slow  # one more compile (~30 s on a shared CPU)
+def test_outpaint_latent_mask_keeps_the_original(base):
+    """Outpainting (latent-mask inpainting on an extended canvas) with the SDXL base: the original
+    pixels come back unchanged (pasted back), the new strip is generated."""
+    pipe = base[1]
+    img = Image.fromarray(_image(seed=6)[:, :48])  # 48x48 -> 64x48 with 16 px on the right
+    res = pipe.outpaint(img, PROMPT, right=16, steps=3, sampler="euler", seed=2)
+    out = np.asarray(res.images[0])
+    assert out.shape == (H, W, 3)
+    # outside the mask, its 8 px overlap and the mask blur (4: A1111 blurs about 3 sigma wide)
+    np.testing.assert_array_equal(out[:, :24], np.asarray(img)[:, :24])
+    assert out[:, 48:].std() > 1
