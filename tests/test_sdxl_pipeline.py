@@ -258,3 +258,34 @@ def test_outpaint_latent_mask_keeps_the_original(base):
     # outside the mask, its 8 px overlap and the mask blur (4: A1111 blurs about 3 sigma wide)
     np.testing.assert_array_equal(out[:, :24], np.asarray(img)[:, :24])
     assert out[:, 48:].std() > 1
+
+
+@pytest.mark.parametrize("name, family", [("sd15", "sd"), ("sd21", "sd"), ("sdxl-base", "sdxl"),
+                                          ("sdxl-refiner", "sdxl-refiner")])
+def test_family_from_the_reference_folders(name, family):
+    from conftest import reference
+    from sdjax.weights.diffusers import model_family, read_model_index
+
+    assert model_family(read_model_index(reference(name))) == family
+
+
+def test_a_folder_mixing_families_is_refused(base, tmp_path):
+    import json
+    import shutil
+
+    from conftest import reference
+    from sdjax.errors import CheckpointError
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(base[1].model_dir, folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        unet[key] = None
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    with pytest.raises(CheckpointError, match="mixes model families"):
+        sdjax.load_pipeline(folder)
+    index = json.loads((reference("sdxl-base") / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]  # tokenizer_2 without its encoder
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="tokenizer_2 without text_encoder_2"):
+        sdjax.load_pipeline(folder)
