@@ -289,3 +289,15 @@ def test_a_folder_mixing_families_is_refused(base, tmp_path):
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="tokenizer_2 without text_encoder_2"):
         sdjax.load_pipeline(folder)
+
+
+def test_sdxl_convert_and_training_are_refused_clearly(base, tmp_path):
+    from sdjax.errors import CheckpointError, ConfigError
+    from sdjax.train.config import TrainConfig
+    from sdjax.train.trainer import Trainer
+    from sdjax.weights.single_file import convert_diffusers_to_single_file
+
+    with pytest.raises(CheckpointError, match="SDXL"):
+        convert_diffusers_to_single_file(base[1].model_dir, tmp_path / "x.safetensors")
+    with pytest.raises(ConfigError, match="training SDXL is not supported yet"):
+        Trainer(TrainConfig(model=str(base[1].model_dir), data=str(tmp_path), output_dir=str(tmp_path / "run")))
