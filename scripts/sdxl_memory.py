@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench_results" / f"sdxl_memory_{datetime.date.today()}.md"))
     ap.add_argument("--no-flops", action="store_true", help="skip the (slow) FLOP count")
     args = ap.parse_args(argv)
-    lines = [f"# sdjax weight memory from the reference configs, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [f"# sdjax weight memory from the reference configs, {now:%Y-%m-%d %H:%M} UTC",
              "# computed by scripts/sdxl_memory.py (abstract models: parameter counts x bytes; no activations)", ""]
     lines += ["| model | part | parameters (M) |", "|---|---|---|"]
     totals, parts = {}, {}

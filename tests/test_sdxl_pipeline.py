@@ -70,7 +70,7 @@ def _sigmas(torch_pipe, steps):
     return sigmas
 
 
-@pytest.mark.parametrize("negative", [NEG, ""])
+@pytest.mark.parametrize("negative", [pytest.param(NEG, marks=pytest.mark.slow), ""])
 def test_txt2img_matches_diffusers(base, negative):
     torch_pipe, pipe = base
     assert pipe.family == "sdxl" and pipe.force_zeros_for_empty_prompt
