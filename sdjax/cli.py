@@ -37,6 +37,7 @@ from sdjax import parallel, runtime
 from sdjax.cli_outputs import (add_output_arguments, check_output_options, make_previewer, print_info,
                                provenance_xmp, wrap_generate)
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
+from sdjax.cli_sdxl import INFOTEXT_KEYS, add_sdxl_arguments, sdxl_options
 from sdjax.cli_train import add_train_parser, run_train
 from sdjax.cli_xyz import add_xyz_argument, plan_xyz, run_xyz
 from sdjax.errors import SdjaxError, UsageError
@@ -101,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         add_output_arguments(s)
         if name in ("generate", "img2img"):
             add_xyz_argument(s)
+        add_sdxl_arguments(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -211,7 +213,8 @@ def _from_png(path: str) -> dict:
             "Hires upscale": ("hr_scale", float), "Hires resize-1": ("hr_resize_x", int),
             "Hires resize-2": ("hr_resize_y", int), "Hires steps": ("hr_steps", int),
             "Hires upscaler": ("hr_upscaler", str), "Hires sampler": ("hr_sampler", str),
-            "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str)}
+            "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
+            **INFOTEXT_KEYS}
     for key, (name, fn) in conv.items():
         if key in p:
             try:
@@ -263,6 +266,7 @@ def _check_request(options: dict, limits, where: str = "") -> Request:
     try:
         if _hires(options) is not None:
             kw["hires"] = _hires(options)
+        kw.update(sdxl_options(options))
         check_request(batch_count=options.get("batch_count"))  # a CLI option, not part of a request
         return Request(options.get("prompt", ""), **kw, knobs=knobs, limits=limits)
     except SdjaxError as e:
@@ -318,6 +322,7 @@ def _generate_kwargs(o: dict, command: str) -> dict:
     if _hires(o) is not None:
         kw["hires"] = _hires(o)
     kw.update(network_kwargs(o))  # LoRA, embeddings, ControlNet (sdjax.cli_networks)
+    kw.update(sdxl_options(o))  # size conditioning, refiner switch (sdjax.cli_sdxl)
     return kw
 
 
@@ -363,6 +368,12 @@ def _run(args) -> int:
     defaults.update(device_kw)
     defaults["limits"] = limits
     identity = f"{model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"
+    refiner = None
+    if o.get("refiner"):
+        if not Path(o["refiner"]).exists():
+            raise UsageError(f"--refiner {o['refiner']!r} does not exist")
+        refiner = load_pipeline(o["refiner"], o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
+        identity += f":refiner={model_hash(refiner)}:{os.fspath(Path(o['refiner']).resolve())}"
     all_jobs = batch.plan(entries, defaults, o["batch_count"], identity)
     if single_file:
         n = sum(len(j.names) for j in all_jobs)
@@ -379,6 +390,8 @@ def _run(args) -> int:
         bar = tqdm(total=sum(len(j.names) for j in jobs), unit="img", file=sys.stderr)
 
     def generate(**kw):
+        if refiner is not None:
+            kw["refiner"] = refiner
         if command == "outpaint":
             sides = {s: o[s] for s in ("left", "right", "up", "down")}
             return pipe.outpaint(o["image"], kw.pop("prompt"), **sides, **kw,

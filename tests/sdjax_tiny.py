@@ -75,3 +75,66 @@ def write_tiny_folder(folder: Path, ref_name: str = "sd15", seed: int = 0) -> Pa
     shutil.rmtree(folder / "tokenizer", ignore_errors=True)
     shutil.copytree(reference(ref_name) / "tokenizer", folder / "tokenizer")
     return folder
+
+
+def tiny_sdxl_configs(ref_name: str = "sdxl-base", in_channels: int = 4) -> dict:
+    """Tiny configs of an SDXL reference folder (base or refiner): both (or the refiner's one) text
+    encoders 32 wide with a 32-wide projection, a 2-level UNet keeping SDXL's structure (no attention
+    in the first block, per-block transformer depths, linear projections, text_time conditioning with
+    the reference's number of time ids), the 4-level VAE of `tiny_configs`."""
+    ref = reference(ref_name)
+    out = {}
+    for name in ("text_encoder", "text_encoder_2"):
+        if (ref / name / "config.json").is_file():
+            te = json.loads((ref / name / "config.json").read_text())
+            te.pop("torch_dtype", None)
+            te.update(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                      projection_dim=32)
+            out[name] = te
+    unet = json.loads((ref / "unet" / "config.json").read_text())
+    full = unet["projection_class_embeddings_input_dim"]
+    n_ids = (full - 1280) // unet["addition_time_embed_dim"]  # both real SDXL UNets pool 1280 wide
+    unet.update(block_out_channels=[32, 64], down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=1, norm_num_groups=8,
+                attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2], sample_size=8,
+                cross_attention_dim=32 * len([k for k in out if k.startswith("text_encoder")]),
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + n_ids * 8,
+                in_channels=in_channels)
+    out["unet"] = unet
+    out["vae"] = tiny_configs(reference("sd15"))["vae"]
+    out["vae"]["scaling_factor"] = 0.13025
+    return out
+
+
+def build_sdxl_pipeline(ref_name: str = "sdxl-base", seed: int = 0, in_channels: int = 4, vae=None,
+                        scheduler_overrides: dict | None = None):
+    """A diffusers SDXL pipeline with tiny random weights: StableDiffusionXLPipeline (base),
+    StableDiffusionXLInpaintPipeline (in_channels 9) or StableDiffusionXLImg2ImgPipeline (refiner,
+    text_encoder_2 only, aesthetic-score time ids). `vae`: share another pipeline's VAE."""
+    import diffusers
+    import transformers
+
+    ref = reference(ref_name)
+    cfgs = tiny_sdxl_configs(ref_name, in_channels)
+    torch.manual_seed(seed)
+    parts = {}
+    for i, name in enumerate(("text_encoder", "text_encoder_2")):
+        if name in cfgs:
+            cfg = {k: v for k, v in cfgs[name].items() if not k.startswith("_")}
+            cls = transformers.CLIPTextModel if name == "text_encoder" else transformers.CLIPTextModelWithProjection
+            parts[name] = perturb(cls(transformers.CLIPTextConfig(**cfg)), seed + 10 + i)
+            tok = "tokenizer" + name.removeprefix("text_encoder")
+            parts[tok] = transformers.CLIPTokenizer.from_pretrained(ref / tok)
+        else:
+            parts[name] = parts["tokenizer"] = None
+    parts["unet"] = perturb(diffusers.UNet2DConditionModel.from_config(cfgs["unet"]), seed + 1)
+    parts["vae"] = vae if vae is not None else perturb(diffusers.AutoencoderKL.from_config(cfgs["vae"]), seed + 2)
+    sched_cfg = json.loads((ref / "scheduler" / "scheduler_config.json").read_text())
+    sched_cfg.update(scheduler_overrides or {})
+    parts["scheduler"] = diffusers.EulerDiscreteScheduler.from_config(sched_cfg)
+    index = json.loads((ref / "model_index.json").read_text())
+    if ref_name == "sdxl-refiner":
+        return diffusers.StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True,
+                                                          force_zeros_for_empty_prompt=False, add_watermarker=False)
+    cls = diffusers.StableDiffusionXLInpaintPipeline if in_channels == 9 else diffusers.StableDiffusionXLPipeline
+    return cls(**parts, force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"], add_watermarker=False)

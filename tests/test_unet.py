@@ -121,18 +121,13 @@ def test_reference_configs_head_rule():
     ("norm_num_groups", 7, "norm_num_groups"),
     ("time_embedding_type", "fourier", "time_embedding_type"),
     ("some_new_key", 1, "some_new_key"),
-    ("addition_embed_type", "text_time", "not supported yet"),
+    ("addition_embed_type", "image", "addition_embed_type"),
 ])
 def test_config_errors_name_the_key(key, value, words):
     d = _config("sd15")
     d[key] = value
     with pytest.raises(ConfigError, match=words):
         UNetConfig.from_dict(d)
-
-
-def test_sdxl_config_is_refused_as_not_yet_supported():
-    with pytest.raises(ConfigError, match="addition_embed_type.*not supported yet"):
-        UNetConfig.from_dict(_config("sdxl-base"))
 
 
 def test_defaults_are_accepted():

@@ -1,8 +1,10 @@
-"""The CLIP text encoder (transformers `CLIPTextModel`) in Flax NNX. Math only.
+"""The CLIP text encoders (transformers `CLIPTextModel`, `CLIPTextModelWithProjection`) in Flax NNX. Math only.
 
 Attribute names mirror transformers v5 (no `text_model.` level), so torch names
 map mechanically: `embeddings.token_embedding`, `encoder.layers.3.self_attn.q_proj`,
 `final_layer_norm`, ... (v4 checkpoints are renamed by `sdjax.weights.names.clip_text`).
+`CLIPTextModelWithProjection` (SDXL's OpenCLIP ViT-bigG second encoder) has the same names
+plus `text_projection` (a bias-free Linear, pooled -> projection_dim).
 
 Precision: parameters in `param_dtype`, matmuls and the residual stream in `dtype`;
 layer-norm statistics and the attention softmax in float32.
@@ -43,7 +45,7 @@ class CLIPTextConfig:
     """A transformers CLIPTextConfig, as read from a text encoder's `config.json`.
 
     Defaults are transformers' own, so a key missing from the file behaves as in transformers.
-    `projection_dim` is kept but unused (the text projection is not part of CLIPTextModel);
+    `projection_dim` is the width of `CLIPTextModelWithProjection.text_projection` (unused by CLIPTextModel);
     `checkpoint_dtype` is the file's `torch_dtype`/`dtype` (metadata).
     """
 
@@ -129,11 +131,13 @@ class CLIPTextConfig:
 class CLIPTextOutput(NamedTuple):
     """last_hidden_state (B, L, D) after the final layer norm; pooled_output (B, D) at the eos
     position; hidden_states: num_hidden_layers + 1 arrays (B, L, D) -- the embeddings, then each
-    layer's output, all before the final layer norm -- or None."""
+    layer's output, all before the final layer norm -- or None; text_embeds (B, projection_dim):
+    `text_projection(pooled_output)` of a CLIPTextModelWithProjection, else None."""
 
     last_hidden_state: jax.Array
     pooled_output: jax.Array
     hidden_states: tuple[jax.Array, ...] | None
+    text_embeds: jax.Array | None = None
 
 
 class CLIPTextEmbeddings(nnx.Module):
@@ -248,3 +252,20 @@ class CLIPTextModel(nnx.Module):
             eos_pos = jnp.argmax((ids == self.eos_token_id).astype(jnp.int32), axis=-1)
         pooled = jnp.take_along_axis(last_hidden_state, eos_pos[:, None, None], axis=1)[:, 0]
         return CLIPTextOutput(last_hidden_state, pooled, states if output_hidden_states else None)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers CLIPTextModelWithProjection: CLIPTextModel plus `text_projection` (no bias),
+    applied to the eos-pooled output (`CLIPTextOutput.text_embeds`). SDXL's second text encoder."""
+
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        super().__init__(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        if config.projection_dim is None:
+            raise ConfigError("text encoder config: CLIPTextModelWithProjection needs projection_dim")
+        self.text_projection = nnx.Linear(config.hidden_size, config.projection_dim, use_bias=False, rngs=rngs,
+                                          dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: jax.Array, *, output_hidden_states: bool = False) -> CLIPTextOutput:
+        """As CLIPTextModel, with `text_embeds` (B, projection_dim) filled in."""
+        out = super().__call__(input_ids, output_hidden_states=output_hidden_states)
+        return out._replace(text_embeds=self.text_projection(out.pooled_output))

@@ -84,6 +84,10 @@ class ControlNetConfig:
                 raise ConfigError(f"controlnet config: {key}={d[key]!r}: diffusers' ControlNetModel takes "
                                   "one integer here, not a list per block")
         unet_dict = {k: v for k, v in d.items() if k in _UNET_KEYS}
+        if unet_dict.get("addition_embed_type") is not None:
+            # The ControlNet body here has no add_embedding: an SDXL ControlNet would run unconditioned.
+            raise ConfigError(f"controlnet config: addition_embed_type={unet_dict['addition_embed_type']!r} (an "
+                              "SDXL ControlNet) is not supported yet; sdjax runs SD 1.x / 2.x ControlNets")
         # Unlike the UNet, ControlNetModel accepts num_attention_heads: `heads = num_attention_heads or
         # attention_head_dim`, which is UNetConfig's legacy rule once the value is moved over.
         heads = unet_dict.pop("num_attention_heads", None)

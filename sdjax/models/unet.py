@@ -1,9 +1,15 @@
-"""diffusers' UNet2DConditionModel as used by Stable Diffusion 1.x / 2.x, in Flax NNX. Math only.
+"""diffusers' UNet2DConditionModel as used by Stable Diffusion 1.x / 2.x and SDXL, in Flax NNX. Math only.
 
 Layout NHWC. Attribute names mirror diffusers (`conv_in`, `time_embedding.linear_1`,
 `down_blocks[i].resnets[j]`, `down_blocks[i].attentions[j]`, `down_blocks[i].downsamplers[0]`,
-`mid_block`, `up_blocks[i].upsamplers[0]`, `conv_norm_out`, `conv_out`) so diffusers'
-state_dict loads through `sdjax.weights.mapping.load_state` unchanged.
+`mid_block`, `up_blocks[i].upsamplers[0]`, `conv_norm_out`, `conv_out`, and SDXL's
+`add_embedding.linear_1/2`) so diffusers' state_dict loads through
+`sdjax.weights.mapping.load_state` unchanged.
+
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+Synthesis") adds `addition_embed_type="text_time"`: the pooled text embedding and sinusoidal
+embeddings of the size/crop (or aesthetic-score) "time ids" go through `add_embedding` and are
+added to the timestep embedding.
 
 The UNet is the bare eps/v network of Rombach et al. 2022 ("High-Resolution Image
 Synthesis with Latent Diffusion Models"): it knows nothing of sigmas or guidance.
@@ -58,9 +64,10 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "cross_attention_norm": (None,),
     "addition_embed_type_num_heads": (64,),
 }
-# SDXL (and Kandinsky/IF) conditioning: a later feature, refused with its own message.
-_NOT_YET = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-            "encoder_hid_dim", "encoder_hid_dim_type")
+# Kandinsky/IF conditioning: refused with its own message.
+_NOT_YET = ("encoder_hid_dim", "encoder_hid_dim_type")
+# addition_embed_type values sdjax implements (None: SD 1.x / 2.x; "text_time": SDXL).
+_ADDITION_TYPES = (None, "text_time")
 
 
 def _same(value: Any, allowed: Any) -> bool:
@@ -117,6 +124,9 @@ class UNetConfig:
     num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
@@ -124,8 +134,8 @@ class UNetConfig:
         d = {k: v for k, v in d.items() if not k.startswith("_")}
         for key in _NOT_YET:
             if d.get(key) is not None:
-                raise ConfigError(f"unet config: {key}={d[key]!r} is not supported yet (SDXL-style added "
-                                  "conditioning); sdjax's UNet supports SD 1.x / 2.x, where it is null")
+                raise ConfigError(f"unet config: {key}={d[key]!r} is not supported (Kandinsky / IF-style "
+                                  "encoder projection); sdjax's UNet supports SD 1.x / 2.x and SDXL, where it is null")
         for key, allowed in _FIXED.items():
             if key not in d:
                 continue
@@ -173,6 +183,24 @@ class UNetConfig:
         if any(c < h for c, h in zip(chans, heads)):
             raise ConfigError(f"unet config: attention_head_dim={d.get('attention_head_dim')!r} (a head count "
                               f"in diffusers' legacy naming) exceeds block_out_channels {list(chans)}")
+        addition = d.get("addition_embed_type")
+        if addition not in _ADDITION_TYPES:
+            raise ConfigError(f"unet config: addition_embed_type={addition!r} is not supported; sdjax supports "
+                              "null (SD 1.x / 2.x) or 'text_time' (SDXL)")
+        time_dim, proj_dim = d.get("addition_time_embed_dim"), d.get("projection_class_embeddings_input_dim")
+        cross = _per_block(d, "cross_attention_dim", 1280, n)
+        if addition == "text_time":
+            for key, v in (("addition_time_embed_dim", time_dim), ("projection_class_embeddings_input_dim", proj_dim)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ConfigError(f"unet config: {key}={v!r} must be a positive integer with "
+                                      "addition_embed_type='text_time'")
+            if time_dim % 2:
+                raise ConfigError(f"unet config: addition_time_embed_dim={time_dim} must be even")
+        else:
+            for key, v in (("addition_time_embed_dim", time_dim), ("projection_class_embeddings_input_dim", proj_dim)):
+                if v is not None:
+                    raise ConfigError(f"unet config: {key}={v!r} needs addition_embed_type='text_time' (SDXL); "
+                                      "sdjax supports null here otherwise")
         sample_size = d.get("sample_size")
         return cls(
             in_channels=int(d.get("in_channels", 4)),
@@ -191,13 +219,16 @@ class UNetConfig:
             act_fn="silu",
             norm_num_groups=groups,
             norm_eps=float(d.get("norm_eps", 1e-5)),
-            cross_attention_dim=_per_block(d, "cross_attention_dim", 1280, n),
+            cross_attention_dim=cross,
             transformer_layers_per_block=_per_block(d, "transformer_layers_per_block", 1, n),
             attention_head_dim=heads,
             num_attention_heads=heads,
             use_linear_projection=d.get("use_linear_projection", False),
             # null (seen in SDXL configs) means diffusers' default, False.
             upcast_attention=bool(d.get("upcast_attention") or False),
+            addition_embed_type=addition,
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=proj_dim,
         )
 
 
@@ -364,6 +395,9 @@ class UNet2DConditionModel(nnx.Module):
         temb_ch = chans[0] * 4
         self.conv_in = conv(cfg.in_channels, chans[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(chans[0], temb_ch, **kw)
+        # diffusers' `add_time_proj` (Timesteps) has no weights: `timestep_embedding` in __call__.
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch, **kw) \
+            if cfg.addition_embed_type == "text_time" else None
 
         down, out_ch = [], chans[0]
         for i, kind in enumerate(cfg.down_block_types):
@@ -385,7 +419,8 @@ class UNet2DConditionModel(nnx.Module):
 
     def __call__(self, latents_nhwc: jax.Array, timesteps: jax.Array | float | int, context: jax.Array, *,
                  down_residuals: Sequence[jax.Array] | None = None,
-                 mid_residual: jax.Array | None = None) -> jax.Array:
+                 mid_residual: jax.Array | None = None, text_embeds: jax.Array | None = None,
+                 time_ids: jax.Array | None = None) -> jax.Array:
         """One network evaluation.
 
         latents_nhwc: (B, H, W, in_channels) noisy latents (any H, W; as in diffusers, sizes not
@@ -397,6 +432,10 @@ class UNet2DConditionModel(nnx.Module):
           skip activation (conv_in output first, `num_down_residuals(config)` in all) added to
           the skips, and one added to the mid-block output -- diffusers'
           `down_block_additional_residuals` / `mid_block_additional_residual`.
+        text_embeds, time_ids: SDXL only (and required there): the pooled text embedding
+          (B, pooled width) and the time ids (B, n), with pooled width + n * addition_time_embed_dim
+          = projection_class_embeddings_input_dim (n = 6 for SDXL base, 5 for the refiner) -- diffusers'
+          `added_cond_kwargs` -- in pixels / aesthetic score, float.
         Returns (B, H, W, out_channels) in `dtype`.
         """
         cfg = self.config
@@ -409,6 +448,18 @@ class UNet2DConditionModel(nnx.Module):
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t_emb.astype(self.dtype))
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this is an SDXL UNet (addition_embed_type='text_time'): pass text_embeds "
+                                 "(B, pooled width) and time_ids (B, n)")
+            ids = jnp.reshape(time_ids, (-1,))
+            time_embeds = timestep_embedding(ids, cfg.addition_time_embed_dim, flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                             freq_shift=cfg.freq_shift).reshape(b, -1)
+            add = jnp.concatenate([jnp.broadcast_to(text_embeds, (b, text_embeds.shape[-1])).astype(jnp.float32),
+                                   time_embeds], axis=-1)
+            temb = temb + self.add_embedding(add.astype(self.dtype))
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds / time_ids are SDXL conditioning; this UNet has no add_embedding")
 
         x = latents_nhwc
         if cfg.center_input_sample:

@@ -93,7 +93,8 @@ class Spec:
     timestep_mode: how sigma becomes the UNet's timestep (`sampling.make_denoiser`);
     controlnets: ((ControlNet graphdef, guess_mode), ...) (`sdjax.pipeline.control`; their states,
     images and per-step scales are the traced `inputs.control`); record_control: report the
-    ControlNet scales used at each evaluation (`record_scales`).
+    ControlNet scales used at each evaluation (`record_scales`); refiner: the SDXL refiner UNet's
+    graphdef, or None (its state and conditioning are the traced `inputs.refiner_*`).
     """
 
     sampler: str
@@ -104,6 +105,7 @@ class Spec:
     timestep_mode: str = "continuous"
     controlnets: tuple = ()
     record_control: bool = False
+    refiner: Any = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -113,7 +115,7 @@ class Spec:
 def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond, cfg_scale: jax.Array,
                     extra_channels: jax.Array | None = None, *, residuals: Callable | None = None,
                     timestep_mode: str = "continuous", conditioning: Callable | None = None,
-                    weights: jax.Array | None = None) -> Callable:
+                    weights: jax.Array | None = None, added: tuple | None = None) -> Callable:
     """x0-space denoiser with classifier-free guidance; cond and uncond run as one UNet batch.
 
     unet(x_scaled (n,h,w,c'), t (n,), context (n, L, D), **residuals) -> eps or v.
@@ -126,17 +128,28 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
     the UNet input after c_in scaling (inpainting checkpoints). residuals: optional hook
     `residuals(x_scaled, t, context, n_cond) -> dict` of extra UNet keyword arguments
     (ControlNet's `down_residuals` / `mid_residual`), n_cond = B*S the cond rows.
+    added: SDXL's (pooled, uncond_pooled (B, P), time_ids, uncond_time_ids (B, n)), passed to the
+    UNet as `text_embeds` / `time_ids` in the same row order as the context (each image's pooled
+    embedding repeated for its S sub-prompts).
     """
     if conditioning is None:
         def conditioning(sigma):
             return cond[:, None], uncond
+
+    def sdxl_kwargs(n_cond: int) -> dict:
+        if added is None:
+            return {}
+        pooled, uncond_pooled, time_ids, uncond_time_ids = added
+        s = n_cond // pooled.shape[0]
+        return {"text_embeds": jnp.concatenate([jnp.repeat(pooled, s, axis=0), uncond_pooled], axis=0),
+                "time_ids": jnp.concatenate([jnp.repeat(time_ids, s, axis=0), uncond_time_ids], axis=0)}
 
     def network(x_scaled, t, context, n_cond):
         kwargs = residuals(x_scaled, t, context, n_cond) if residuals is not None else {}
         if extra_channels is not None:
             extra = _rows(extra_channels, n_cond // extra_channels.shape[0]).astype(x_scaled.dtype)
             x_scaled = jnp.concatenate([x_scaled, extra], axis=-1)
-        return unet(x_scaled, t, context, **kwargs)
+        return unet(x_scaled, t, context, **kwargs, **sdxl_kwargs(n_cond))
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
@@ -277,9 +290,14 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
         conditioning = None
         if inputs.cond_table is not None:  # prompt scheduling / AND: per-step rows of a traced table
             conditioning = scheduled_conditioning(inputs, sigmas, start)
+        added = None if inputs.pooled is None else (inputs.pooled, inputs.uncond_pooled, inputs.time_ids,
+                                                    inputs.uncond_time_ids)
         denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
                                   residuals=residuals, timestep_mode=spec.timestep_mode,
-                                  conditioning=conditioning, weights=inputs.cond_weights)
+                                  conditioning=conditioning, weights=inputs.cond_weights, added=added)
+        if spec.refiner is not None:
+            denoise = _with_refiner(denoise, model, nnx.merge(spec.refiner, inputs.refiner_state), inputs,
+                                    spec.timestep_mode)
         if blend:
             # A1111 (CFGDenoiser, mask applied after denoising): outside the mask the x0
             # prediction is the original latent, so those latents stay at the noised original.
@@ -300,6 +318,24 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
         return latents, jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
     return jax.jit(run)
+
+
+def _with_refiner(base: Callable, model: sampling.DiscreteModel, refiner_unet, inputs: Inputs,
+                  timestep_mode: str) -> Callable:
+    """The SDXL ensemble of experts: `base` above inputs.switch_sigma, the refiner's guided denoiser
+    (its own context, pooled embedding and aesthetic-score time ids; no extra inpainting channels)
+    at and below it. One `lax.cond` per evaluation, so only one UNet runs. An evaluation belongs
+    to the step it starts from, so multi-evaluation samplers switch between whole steps too."""
+    refine = guided_denoiser(model, refiner_unet, inputs.refiner_cond, inputs.refiner_uncond, inputs.cfg_scale,
+                             timestep_mode=timestep_mode,
+                             added=(inputs.refiner_pooled, inputs.refiner_uncond_pooled, inputs.refiner_time_ids,
+                                    inputs.refiner_uncond_time_ids))
+
+    def denoise(x, sigma):
+        use_base = jnp.max(jnp.asarray(sigma, jnp.float32)) > inputs.switch_sigma
+        return jax.lax.cond(use_base, base, refine, x, sigma)
+
+    return denoise
 
 
 def vae_dtype(vae_state) -> jnp.dtype:

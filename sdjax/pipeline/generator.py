@@ -30,7 +30,7 @@ from sdjax import metadata, parallel, prompts, sampling
 from sdjax.errors import NonFiniteError, TaskError
 from sdjax.images import to_pil
 from sdjax.models.vae import AutoencoderKL
-from sdjax.pipeline import control, core, hires, inpaint, networks
+from sdjax.pipeline import control, core, hires, inpaint, networks, sdxl
 from sdjax.pipeline.inputs import Inputs, shard
 from sdjax.pipeline.request import STATIC_KNOBS, Request, check_request
 from sdjax.weights.diffusers import abstract_model
@@ -303,25 +303,33 @@ class Generator:
         else:
             noise = seed_noise
 
-        # LoRAs (prompt tags, `loras`) and embeddings: merged copies of the weights for this call.
-        nets = networks.apply_networks(pipe, prompt_list, negative_list, lora_dir=r.lora_dir, loras=r.loras,
-                                       lora_strict=r.lora_strict, embeddings=r.embeddings,
-                                       embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
-                                       lora_cache=self.loras)
         per_image_cfg = isinstance(r.cfg_scale, (list, tuple))
         cfg = jnp.asarray(np.asarray(cfg_list, np.float32).reshape(b, 1, 1, 1)) if per_image_cfg \
             else jnp.float32(r.cfg_scale)
+        params_extra: dict[str, Any] = {}
         fields: dict[str, Any] = dict(
-            **conditioning_fields(pipe, nets.prompts, nets.negatives, first_pass_steps or steps, r.clip_skip,
-                                  hires_steps=steps if first_pass_steps else None, tokenizer=nets.tokenizer,
-                                  te_state=nets.te_state),
-            cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas),
-            start=jnp.int32(start), keys=keys,
-            knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
+            cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas), start=jnp.int32(start),
+            keys=keys, knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
+        refiner_static = None
+        if pipe.family == "sd":
+            if r.refiner is not None:
+                raise TaskError("a refiner hands over from an SDXL base model; this is an SD 1.x / 2.x model")
+            # LoRAs (prompt tags, `loras`) and embeddings: merged copies of the weights for this call.
+            nets = networks.apply_networks(pipe, prompt_list, negative_list, lora_dir=r.lora_dir, loras=r.loras,
+                                           lora_strict=r.lora_strict, embeddings=r.embeddings,
+                                           embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
+                                           lora_cache=self.loras)
+            fields.update(conditioning_fields(pipe, nets.prompts, nets.negatives, first_pass_steps or steps,
+                                              r.clip_skip, hires_steps=steps if first_pass_steps else None,
+                                              tokenizer=nets.tokenizer, te_state=nets.te_state))
+            unet_state, net_infotext = nets.unet_state, nets.infotext
+        else:
+            unet_state, net_infotext = pipe.unet.state, {}
+            refiner_static = self._sdxl_fields(fields, params_extra, r, prompt_list, negative_list, width, height,
+                                               b, sigmas)
         unet_in = int(pipe.unet.config.in_channels)
         nine = unet_in == 2 * channels + 1
         job = None
-        params_extra: dict[str, Any] = {}
         vae_enc = core.vae_encode_fn(pipe.vae.graphdef, pipe.vae.scaling_factor)
         if task == "img2img" and init_latents is not None:
             fields["init_latents"] = jnp.asarray(init_latents, jnp.float32)
@@ -346,7 +354,7 @@ class Generator:
         elif nine:
             raise TaskError("this is an inpainting checkpoint (9-channel UNet): pass init_image and mask")
 
-        params_extra.update(nets.infotext)
+        params_extra.update(net_infotext)
         params_extra.update(extra_infotext or {})
         control_static: tuple = ()
         if r.controlnets:
@@ -359,11 +367,12 @@ class Generator:
         static = tuple(sorted((k, v) for k, v in r.knobs.items() if k in STATIC_KNOBS))
         staged = progress is not None or preview is not None
         spec = core.Spec(sampler_id, task, nine and task == "inpaint", static, staged,
-                         r.timestep_mode, controlnets=control_static, record_control=record_control)
+                         r.timestep_mode, controlnets=control_static, record_control=record_control,
+                         refiner=refiner_static)
         fn = core.build(pipe.unet.graphdef, pipe.vae.graphdef, model, spec, pipe.vae.scaling_factor)
         on_x0 = None if preview is None else (lambda i, x0: preview(i, x0[:b]))  # padded rows dropped
         with core.progress_hook(progress), core.preview_hook(on_x0):
-            latents, images = fn(*self.place(Inputs(**fields), b, mesh, nets.unet_state))
+            latents, images = fn(*self.place(Inputs(**fields), b, mesh, unet_state))
             latents = np.asarray(latents)[:b]  # padded rows of a sharded batch dropped
             images = np.asarray(images)[:b]
             jax.effects_barrier()
@@ -388,6 +397,46 @@ class Generator:
             }
             infotexts.append(metadata.format_infotext(prompt_list[i], negative_list[i], params))
         return GenerationResult(pil, latents, infotexts, seeds)
+
+    def _sdxl_fields(self, fields: dict, params_extra: dict, r: Request, prompt_list, negative_list, width: int,
+                     height: int, b: int, sigmas: np.ndarray):
+        """SDXL's traced inputs (`sdjax.pipeline.sdxl`) into `fields`, the refiner's too; returns the
+        refiner UNet's graphdef (static) or None."""
+        pipe = self.pipe
+        tags = any(prompts.extract_lora_tags(t).loras for t in list(prompt_list) + list(negative_list))
+        if r.loras or r.embeddings or r.embeddings_dir or r.controlnets or tags:
+            raise TaskError("LoRAs, textual-inversion embeddings and ControlNets are not supported for SDXL yet "
+                            "(SD 1.x / 2.x only); remove them (and <lora:...> prompt tags)")
+        for text in list(prompt_list) + list(negative_list):
+            if len(prompts.split_and(text)) > 1 or len(prompts.prompt_schedule(text, len(sigmas) - 1)) > 1:
+                raise TaskError(f"prompt editing ([a:b:when], [a|b]) and AND are not supported for SDXL yet "
+                                f"(SD 1.x / 2.x only); write the prompt without them: {text!r}")
+        fields["cond"], fields["uncond"], fields["pooled"], fields["uncond_pooled"] = sdxl.encode_prompts(
+            pipe, prompt_list, negative_list, r.clip_skip)
+        fields["time_ids"] = sdxl.conditioning(pipe, r, width, height, b)
+        fields["uncond_time_ids"] = sdxl.conditioning(pipe, r, width, height, b, negative=True)
+        refiner = r.refiner
+        if refiner is None:
+            return None
+        if getattr(refiner, "family", "sd") == "sd":
+            raise TaskError(f"refiner {getattr(refiner, 'model_dir', refiner)!r} is not an SDXL model (a loaded "
+                            "SDXL refiner Pipeline, e.g. stable-diffusion-xl-refiner-1.0)")
+        if refiner.unet.config.in_channels != refiner.vae.config.latent_channels \
+                or refiner.vae.config.latent_channels != pipe.vae.config.latent_channels:
+            raise TaskError("the refiner must be a plain (4-channel) SDXL UNet sharing the base's latent space")
+        k = sdxl.switch_index(self.discrete_model, sigmas, float(r.refiner_switch_at))
+        fields["switch_sigma"] = jnp.float32(sigmas[k])
+        fields["refiner_state"] = refiner.unet.state
+        (fields["refiner_cond"], fields["refiner_uncond"], fields["refiner_pooled"],
+         fields["refiner_uncond_pooled"]) = sdxl.encode_prompts(refiner, prompt_list, negative_list, r.clip_skip)
+        fields["refiner_time_ids"] = sdxl.conditioning(refiner, r, width, height, b)
+        fields["refiner_uncond_time_ids"] = sdxl.conditioning(refiner, r, width, height, b, negative=True)
+        path = Path(refiner.model_dir)
+        name = path.stem if path.is_file() else path.name
+        short = unet_file_hash(path)
+        params_extra["Refiner"] = f"{name} [{short}]" if short else name
+        params_extra["Refiner switch at"] = r.refiner_switch_at
+        return refiner.unet.graphdef
 
 
 __all__ = ["GenerationResult", "Generator", "conditioning_fields", "discrete_model", "encode_prompts", "encode_texts",

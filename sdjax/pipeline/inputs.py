@@ -32,6 +32,11 @@ class Inputs:
     (B, steps, S): the table row of sub-prompt s at 0-based run step k; uncond_index int32
     (B, steps); cond_weights (B, S) the AND weights (0 = padding). With them cond and uncond are
     None; without them cond, uncond are used for every step.
+    SDXL (None otherwise): pooled, uncond_pooled (B, P) pooled text embeddings; time_ids,
+    uncond_time_ids (B, n). Refiner hand-over: refiner_state (its UNet weights), refiner_cond /
+    refiner_uncond (B, L', D'), refiner_pooled / refiner_uncond_pooled, refiner_time_ids /
+    refiner_uncond_time_ids, and switch_sigma (): the base denoises at sigmas above it, the refiner
+    at and below it.
     """
 
     cond: jax.Array
@@ -52,10 +57,23 @@ class Inputs:
     cond_index: jax.Array | None = None
     uncond_index: jax.Array | None = None
     cond_weights: jax.Array | None = None
+    pooled: jax.Array | None = None
+    uncond_pooled: jax.Array | None = None
+    time_ids: jax.Array | None = None
+    uncond_time_ids: jax.Array | None = None
+    refiner_state: Any = None
+    refiner_cond: jax.Array | None = None
+    refiner_uncond: jax.Array | None = None
+    refiner_pooled: jax.Array | None = None
+    refiner_uncond_pooled: jax.Array | None = None
+    refiner_time_ids: jax.Array | None = None
+    refiner_uncond_time_ids: jax.Array | None = None
+    switch_sigma: jax.Array | None = None
 
 
 # Fields without a batch axis (replicated when the batch is sharded).
-UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control", "cond_table")
+UNBATCHED = ("sigmas", "start", "knobs", "fill_keep", "fill_noise", "control", "cond_table", "refiner_state",
+             "switch_sigma")
 
 
 def shard(inputs: Inputs, mesh, batch: int) -> Inputs:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 
+from sdjax.errors import CheckpointError
 from sdjax.models.kernels import Kernels
 from sdjax.pipeline.components import VAE, TextEncoder, UNet, check_dtype
 from sdjax.pipeline.generator import GenerationResult, Generator
@@ -24,18 +25,28 @@ from sdjax.weights import diffusers as diffusers_folder
 from sdjax.weights.single_file import load_single_file_models
 
 class Pipeline:
-    """The loaded parts of a Stable Diffusion checkpoint.
+    """The loaded parts of a Stable Diffusion checkpoint (SD 1.x / 2.x, SDXL base or refiner).
 
     Attributes: `tokenizer` (transformers CLIPTokenizer), `text_encoder`, `unet`,
-    `vae` (Components, see the module docstring), `scheduler_config` (dict from
+    `vae` (Components, see the module docstring); SDXL also `tokenizer_2` and `text_encoder_2`
+    (CLIPTextModelWithProjection, OpenCLIP bigG) -- the refiner has only these (its
+    `tokenizer` and `text_encoder` are None); `family` ("sd", "sdxl" or "sdxl-refiner");
+    `force_zeros_for_empty_prompt` (SDXL: an empty negative prompt is zeros, from
+    model_index.json); `scheduler_config` (dict from
     scheduler/scheduler_config.json), `model_index` (dict), `model_dir` (Path),
     `dtype` (jnp.dtype of the weights and of the computation), `kernels`
     (`sdjax.models.kernels.Kernels`: the attention and conv implementations its models use).
     """
 
-    def __init__(self, *, model_dir: Path, dtype, tokenizer, text_encoder: TextEncoder, unet: UNet,
-                 vae: VAE, scheduler_config: dict, model_index: dict, kernels: Kernels | None = None):
+    def __init__(self, *, model_dir: Path, dtype, tokenizer, text_encoder: TextEncoder | None, unet: UNet,
+                 vae: VAE, scheduler_config: dict, model_index: dict, kernels: Kernels | None = None,
+                 tokenizer_2=None, text_encoder_2: TextEncoder | None = None, family: str = "sd"):
         self.kernels = kernels
+        self.family = family
+        self.tokenizer_2 = tokenizer_2
+        self.text_encoder_2 = text_encoder_2
+        self.force_zeros_for_empty_prompt = family != "sd" and bool(model_index.get("force_zeros_for_empty_prompt",
+                                                                                     family == "sdxl"))
         self.model_dir = model_dir
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -64,17 +75,22 @@ class Pipeline:
         current = self.kernels or Kernels.resolve()
         self.kernels = kernels or Kernels(attention=attention or current.attention, conv=conv or current.conv,
                                           backend=current.backend)
-        for name in ("text_encoder", "unet", "vae"):
+        for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
             c = getattr(self, name)
-            setattr(self, name, type(c)(c.module(), c.config, c.source, self.kernels))
+            if c is not None:
+                setattr(self, name, type(c)(c.module(), c.config, c.source, self.kernels))
         return self
 
     def states(self) -> dict[str, Any]:
-        """{'text_encoder': state, 'unet': state, 'vae': state}: all weights as one pytree."""
-        return {"text_encoder": self.text_encoder.state, "unet": self.unet.state, "vae": self.vae.state}
+        """{'text_encoder': state, 'unet': state, 'vae': state} (SDXL: also 'text_encoder_2'; the refiner
+        has no 'text_encoder'): all weights as one pytree."""
+        parts = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2, "unet": self.unet,
+                 "vae": self.vae}
+        return {k: c.state for k, c in parts.items() if c is not None}
 
     def __repr__(self) -> str:
-        return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype})"
+        family = "" if self.family == "sd" else f", family={self.family!r}"
+        return f"Pipeline({str(self.model_dir)!r}, dtype={self.dtype}{family})"
 
     # Options of a call that say how to run it, not what to make (`Generator.generate`).
     _RUN_OPTIONS = ("progress", "preview", "record_control", "devices", "fsdp", "mesh")
@@ -98,6 +114,9 @@ class Pipeline:
         `lora_strict=False` to warn on unmatched keys; embeddings: `embeddings=[paths]`,
         `embeddings_dir=...` (`sdjax.pipeline.networks`). ControlNet: `controlnets=[sdjax.pipeline.control.ControlNetUnit(
         model, image, scale, start, end, preprocessor, ...)]` (`sdjax.pipeline.control`).
+        SDXL: original_size, crops_coords_top_left, target_size (and negative_ forms),
+        aesthetic_score / negative_aesthetic_score (refiner), refiner=<loaded refiner Pipeline> with
+        refiner_switch_at (`sdjax.pipeline.sdxl`).
         """
         run = {k: options.pop(k) for k in self._RUN_OPTIONS if k in options}
         fields = {f.name for f in dataclasses.fields(Request)} - {"knobs"}
@@ -126,7 +145,7 @@ def load_pipeline(
     attention: str | None = None,
     conv: str | None = None,
 ) -> Pipeline:
-    """Load a diffusers-format Stable Diffusion 1.x/2.x checkpoint folder, or a single file.
+    """Load a diffusers-format Stable Diffusion 1.x/2.x or SDXL (base or refiner) folder, or a single file.
 
     A `.safetensors` / `.ckpt` single file (original LDM layout, as A1111 and ComfyUI
     use) is read by `sdjax.weights.single_file`; for it only, `prediction_type`
@@ -134,7 +153,9 @@ def load_pipeline(
     folder) replaces the shipped SD1/SD2 configs. `model_dir` is then the file.
 
     path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    scheduler/ (safety_checker/ and feature_extractor/ are ignored). Weights may be
+    scheduler/ (safety_checker/ and feature_extractor/ are ignored); SDXL adds text_encoder_2/ and
+    tokenizer_2/ (the refiner has only those two); which it is (`Pipeline.family`) is read from
+    model_index.json and checked against the UNet's config. Weights may be
     safetensors, sharded safetensors, fp16 variants or PyTorch `.bin` files (read
     by a restricted unpickler: no code from the file runs; torch is not needed).
     dtype: "float32" or "bfloat16" ("float16" also accepted): the parameter and
@@ -157,17 +178,31 @@ def load_pipeline(
     if model_dir.is_file():
         return _load_single_file(model_dir, dtype, sharding, prediction_type, config_dir, kernels)
     index = diffusers_folder.read_model_index(model_dir)
+    family = diffusers_folder.model_family(index)
+    unet_config = diffusers_folder.read_config("unet", model_dir / "unet")
+    sdxl_unet = unet_config.addition_embed_type == "text_time"
+    if sdxl_unet != (family != "sd"):
+        raise CheckpointError(f"{model_dir}: the UNet's addition_embed_type is {unet_config.addition_embed_type!r} "
+                              f"but model_index.json describes {'an SDXL' if family != 'sd' else 'an SD 1.x / 2.x'} "
+                              "pipeline (text_encoder_2 present or not); the folder mixes model families")
     kw = dict(dtype=dtype, variant=variant, sharding=sharding)
-    parts = {}
-    for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE)):
+    encoders = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"),
+                "sdxl-refiner": ("text_encoder_2",)}[family]
+    parts: dict[str, Any] = {"text_encoder": None}
+    for kind, cls in [(k, TextEncoder) for k in encoders] + [("unet", UNet), ("vae", VAE)]:
         model, config = diffusers_folder.load_model(kind, model_dir / kind, **kw)
         parts[kind] = cls(model, config, model_dir / kind, kernels)
         del model
+    tokenizers = {"tokenizer" + kind.removeprefix("text_encoder"):
+                  diffusers_folder.load_tokenizer(model_dir / ("tokenizer" + kind.removeprefix("text_encoder")))
+                  for kind in encoders}
     return Pipeline(
         model_dir=model_dir,
         dtype=dtype,
         kernels=kernels,
-        tokenizer=diffusers_folder.load_tokenizer(model_dir / "tokenizer"),
+        tokenizer=tokenizers.get("tokenizer"),
+        tokenizer_2=tokenizers.get("tokenizer_2"),
+        family=family,
         scheduler_config=diffusers_folder.read_scheduler_config(model_dir / "scheduler"),
         model_index=index,
         **parts,

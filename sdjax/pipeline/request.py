@@ -67,6 +67,34 @@ def _float(name: str, value: Any, lo: float | None = None, hi: float | None = No
         raise RequestError(f"{name} must be in {left}{lo}, {hi}], got {value}")
 
 
+def _pair(name: str, value: Any, lo: int) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise RequestError(f"{name} must be a pair of whole numbers, got {value!r}")
+    for v in value:
+        _int(name, v, lo)
+
+
+def check_sdxl(*, original_size: Any = None, crops_coords_top_left: Any = None, target_size: Any = None,
+               negative_original_size: Any = None, negative_crops_coords_top_left: Any = None,
+               negative_target_size: Any = None, aesthetic_score: Any = None, negative_aesthetic_score: Any = None,
+               refiner_switch_at: Any = None) -> None:
+    """SDXL's values: sizes (height, width) >= 1, crops (top, left) >= 0, finite aesthetic scores,
+    refiner_switch_at in (0, 1]. RequestError for the first bad one; None is skipped."""
+    for name, v in (("original_size", original_size), ("target_size", target_size),
+                    ("negative_original_size", negative_original_size), ("negative_target_size", negative_target_size)):
+        _pair(name, v, 1)
+    for name, v in (("crops_coords_top_left", crops_coords_top_left),
+                    ("negative_crops_coords_top_left", negative_crops_coords_top_left)):
+        _pair(name, v, 0)
+    for name, v in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        if v is not None:
+            _float(name, v)
+    if refiner_switch_at is not None:
+        _float("refiner_switch_at", refiner_switch_at, 0.0, 1.0, lo_open=True)
+
+
 def check_request(*, steps: Any = None, cfg_scale: Any = None, seed: Any = None, batch_size: Any = None,
                   width: Any = None, height: Any = None, strength: Any = None, subseed: Any = None,
                   subseed_strength: Any = None, clip_skip: Any = None, batch_count: Any = None,
@@ -182,6 +210,11 @@ class Request:
     lower_order_final pick code paths).
     seed and cfg_scale may also be one value per image (a list of batch_size values), which
     `sdjax.pipeline.xyz` uses to run an X/Y/Z plot's cells in one compiled call. hires: a `HiresFix` (txt2img only).
+    SDXL (`sdjax.pipeline.sdxl`): original_size / target_size (height, width) and
+    crops_coords_top_left (top, left), default (height, width) and (0, 0); their negative_ forms
+    default to them; aesthetic_score / negative_aesthetic_score (refiner, 6.0 / 2.5); refiner: a
+    loaded SDXL refiner `Pipeline` that takes over at `refiner_switch_at` (0, 1] of the denoising
+    (diffusers' denoising_end; A1111's "Refiner switch at"; 1.0 = never).
     """
 
     prompt: str | Sequence[str]
@@ -215,6 +248,16 @@ class Request:
     embeddings: Sequence[Any] | None = None
     embeddings_dir: Any = None
     controlnets: Sequence[Any] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+    refiner: Any = None
+    refiner_switch_at: float = 0.8
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     limits: Limits | None = None
     hires: HiresFix | None = None
@@ -236,6 +279,10 @@ class Request:
                       strength=self.strength if self.init_image is not None else None, subseed=self.subseed,
                       subseed_strength=self.subseed_strength, clip_skip=self.clip_skip, knobs=self.knobs,
                       limits=self.limits)
+        check_sdxl(**{f: getattr(self, f) for f in ("original_size", "crops_coords_top_left", "target_size",
+                                                     "negative_original_size", "negative_crops_coords_top_left",
+                                                     "negative_target_size", "aesthetic_score",
+                                                     "negative_aesthetic_score", "refiner_switch_at")})
         sampling.resolve(self.sampler, self.schedule)
         bad = sorted(set(self.knobs) - {*NUMERIC_KNOBS, *STATIC_KNOBS})
         if bad:
@@ -265,5 +312,4 @@ class Request:
 
 
 __all__ = ["HiresFix", "LATENT_UPSCALERS", "Limits", "NUMERIC_KNOBS", "PIXEL_UPSCALERS", "Request", "RequestError",
-           "SEED_MAX", "STATIC_KNOBS", "TASKS",
-           "check_request"]
+           "SEED_MAX", "STATIC_KNOBS", "TASKS", "check_request", "check_sdxl"]

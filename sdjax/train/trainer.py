@@ -24,7 +24,7 @@ from flax import nnx
 
 from sdjax import parallel
 from sdjax.data.datasets import CaptionLoader, open_dataset
-from sdjax.errors import NonFiniteLossError, SdjaxError
+from sdjax.errors import ConfigError, NonFiniteLossError, SdjaxError
 from sdjax.images import save_png
 from sdjax.models.layers import apply_kernels
 from sdjax.pipeline import load_pipeline
@@ -47,6 +47,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.pipe = load_pipeline(cfg.model, dtype="float32", attention=cfg.attention)
+        if self.pipe.family != "sd":
+            raise ConfigError(f"{cfg.model} is an {self.pipe.family} model; training SDXL is not supported yet "
+                              "(SD 1.x / 2.x only)")
         self.dataset = dataset if dataset is not None else open_dataset(cfg.data, resolution=cfg.resolution)
         # One optimizer step consumes grad_accum loader batches of batch_size examples.
         self.loader = CaptionLoader(self.dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,

@@ -6,6 +6,8 @@ A folder as written by `StableDiffusionPipeline.save_pretrained`:
     vae/config.json  + diffusion_pytorch_model...
     text_encoder/config.json + model.safetensors | pytorch_model.bin | sharded index
     tokenizer/  scheduler/scheduler_config.json   (safety_checker/, feature_extractor/: ignored)
+SDXL adds text_encoder_2/ (CLIPTextModelWithProjection) and tokenizer_2/; the SDXL refiner
+has only those two (text_encoder and tokenizer are null in its model_index.json).
 
 Each model is built abstractly with `nnx.eval_shape` (no random init, no
 memory), and each tensor goes from the file straight to its final dtype and
@@ -25,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from sdjax.errors import CheckpointError, ConfigError
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
 from sdjax.weights import names
@@ -42,9 +44,29 @@ EXPECTED = {
 }
 # Listed by real checkpoints but not needed for generation.
 IGNORED = ("safety_checker", "feature_extractor", "image_encoder")
+# SDXL's second text encoder and tokenizer (the refiner has only these two).
+SDXL_EXPECTED = {
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+FAMILIES = ("sd", "sdxl", "sdxl-refiner")
 # Components sdjax does not support yet; loading without them would give wrong images.
-UNSUPPORTED = {"text_encoder_2": "SDXL (two text encoders)", "tokenizer_2": "SDXL (two text encoders)",
-               "controlnet": "a ControlNet pipeline folder", "prior": "a prior pipeline"}
+UNSUPPORTED = {"controlnet": "a ControlNet pipeline folder", "prior": "a prior pipeline",
+               "text_encoder_3": "Stable Diffusion 3 (three text encoders)",
+               "transformer": "a transformer (DiT) pipeline such as SD3 or Flux"}
+
+
+def _present(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+def model_family(index: dict) -> str:
+    """"sd" (1.x / 2.x), "sdxl" (two text encoders) or "sdxl-refiner" (only text_encoder_2) from a
+    validated model_index.json dict (`read_model_index`)."""
+    if not _present(index, "text_encoder_2"):
+        return "sd"
+    return "sdxl" if _present(index, "text_encoder") else "sdxl-refiner"
 
 
 def _what_is_expected() -> str:
@@ -70,9 +92,10 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
     """Validate `model_index.json` of a diffusers folder and return it.
 
     Raises `CheckpointError` if the folder is not a diffusers checkpoint, a required
-    component (unet, vae, text_encoder, tokenizer, scheduler) is absent or has a
-    class sdjax does not read, or the folder holds an unsupported component (SDXL's
-    text_encoder_2, ...). Absent or null optional components are fine.
+    component (unet, vae, text_encoder, tokenizer, scheduler; for SDXL also text_encoder_2
+    and tokenizer_2; the SDXL refiner has no text_encoder / tokenizer) is absent or has a
+    class sdjax does not read, or the folder holds an unsupported component (SD3's
+    text_encoder_3, ...). Absent or null optional components are fine.
     """
     folder = Path(folder)
     if folder.is_file():
@@ -91,7 +114,15 @@ def read_model_index(folder: str | os.PathLike) -> dict[str, Any]:
         if name in UNSUPPORTED and entry[-1] is not None:
             raise CheckpointError(f"{index_path}: component {name!r} ({entry[-1]}) means "
                                   f"{UNSUPPORTED[name]}, which sdjax does not support yet")
-    for name, classes in EXPECTED.items():
+    expected = dict(EXPECTED)
+    family = model_family(index)
+    if family != "sd":
+        expected.update(SDXL_EXPECTED)
+    if family == "sdxl-refiner":
+        del expected["text_encoder"], expected["tokenizer"]
+    if family == "sd" and _present(index, "tokenizer_2"):
+        raise CheckpointError(f"{index_path}: tokenizer_2 without text_encoder_2; an SDXL folder has both")
+    for name, classes in expected.items():
         entry = index.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
             raise CheckpointError(f"{index_path}: no {name!r} component; expected {_what_is_expected()}")
@@ -111,7 +142,9 @@ def _table_entry(kind: str):
         return VAEConfig, AutoencoderKL, names.vae
     if kind == "text_encoder":
         return CLIPTextConfig, CLIPTextModel, names.clip_text
-    raise ValueError(f"unknown component kind {kind!r}; expected unet, vae or text_encoder")
+    if kind == "text_encoder_2":
+        return CLIPTextConfig, CLIPTextModelWithProjection, names.clip_text
+    raise ValueError(f"unknown component kind {kind!r}; expected unet, vae, text_encoder or text_encoder_2")
 
 
 def read_config(kind: str, folder: str | os.PathLike):
@@ -157,9 +190,10 @@ def load_model(
     variant: str | None = None,
     sharding: Callable[[tuple, jax.ShapeDtypeStruct], jax.sharding.Sharding] | None = None,
 ) -> tuple[nnx.Module, Any]:
-    """One component folder (`unet/`, `vae/` or `text_encoder/`) -> (model with weights, config).
+    """One component folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`) -> (model with weights, config).
 
-    kind: "unet", "vae" or "text_encoder". dtype: parameter and compute dtype
+    kind: "unet", "vae", "text_encoder" or "text_encoder_2" (SDXL's CLIPTextModelWithProjection).
+    dtype: parameter and compute dtype
     (float32 or bfloat16). variant: prefer `*.{variant}.safetensors` files (e.g.
     "fp16"; their values are cast to `dtype`). sharding: optional
     `(state path, abstract leaf) -> Sharding` for each parameter (default: the

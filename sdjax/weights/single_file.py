@@ -312,6 +312,9 @@ def convert_diffusers_to_single_file(src: str | os.PathLike, dst: str | os.PathL
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: sdjax writes single files as .safetensors only")
+    if (src / "text_encoder_2").is_dir():
+        raise CheckpointError(f"{src} is an SDXL folder (text_encoder_2/); converting SDXL to a single file is "
+                              "not supported yet")
     configs = {k: _read_json(src / k / "config.json") for k in ("unet", "vae", "text_encoder")}
     weights = {}
     for kind, rename in (("unet", names.unet), ("vae", names.vae), ("text_encoder", names.clip_text)):
