@@ -122,13 +122,20 @@ def check_time_ids(pipe, ids: np.ndarray) -> None:
 
 
 def conditioning(pipe, r, width: int, height: int, b: int, *, negative: bool = False) -> jax.Array:
-    """(B, n) float32 time ids of a request (`Request` fields original_size, ... and their negative_ forms)."""
-    pick = (lambda name: getattr(r, "negative_" + name) if getattr(r, "negative_" + name) is not None
-            else getattr(r, name)) if negative else (lambda name: getattr(r, name))
+    """(B, n) float32 time ids of a request (`Request` fields original_size, ... and their negative_ forms).
+
+    The negative forms default to the positive values, except that the negative crop is (0, 0)
+    once a negative original or target size is given (diffusers' defaults)."""
+    crop = r.crops_coords_top_left
+    if negative:
+        if r.negative_original_size is not None or r.negative_target_size is not None:
+            crop = (0, 0)
+        crop = r.negative_crops_coords_top_left if r.negative_crops_coords_top_left is not None else crop
+    pick = (lambda name: getattr(r, "negative_" + name) if negative and getattr(r, "negative_" + name) is not None
+            else getattr(r, name))
     score = r.negative_aesthetic_score if negative else r.aesthetic_score
-    ids = time_ids(pipe.family, width, height, original_size=pick("original_size"),
-                   crops_coords_top_left=pick("crops_coords_top_left"), target_size=pick("target_size"),
-                   aesthetic_score=score)
+    ids = time_ids(pipe.family, width, height, original_size=pick("original_size"), crops_coords_top_left=crop,
+                   target_size=pick("target_size"), aesthetic_score=score)
     check_time_ids(pipe, ids)
     return jnp.broadcast_to(jnp.asarray(ids), (b, len(ids)))
 
