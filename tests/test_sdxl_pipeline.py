@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import sdjax
-from sdjax.errors import RequestError, TaskError
+from sdjax.errors import CheckpointError, RequestError, TaskError
 from sdjax.pipeline import sdxl
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_sdxl_pipeline
@@ -215,5 +215,5 @@ def test_sdxl_refuses_what_it_does_not_support(base, tmp_path):
     pipe = base[1]
     with pytest.raises(TaskError, match="clip skip"):
         pipe.generate(PROMPT, steps=2, width=W, height=H, clip_skip=2)
-    with pytest.raises(TaskError, match="LoRA"):
+    with pytest.raises(CheckpointError, match="lora_dir"):  # SDXL LoRAs: tests/test_sdxl_networks.py
         pipe.generate(PROMPT + " <lora:x:1>", steps=2, width=W, height=H)
