@@ -208,3 +208,35 @@ def test_sdxl_lora_names_resolve_and_unmatched_are_named(pipe):
     from sdjax.weights.lora import parse_lora
     with pytest.raises(CheckpointError, match="input_blocks_9_1_proj_in"):
         merge(pipe.states(), [(parse_lora(bad, "bad"), 1.0, 1.0)], unet_config=cfg)
+
+
+@pytest.mark.slow  # ~40 s on a shared 2-core CPU (compiles SDXL generation with a ControlNet)
+def test_sdxl_controlnet_matches_diffusers(folder, pipe, tmp_path):
+    """An SDXL ControlNet (diffusers folder, text_time added conditioning) gives diffusers'
+    StableDiffusionXLControlNetPipeline images within 2/255."""
+    import diffusers
+    from PIL import Image
+
+    from sdjax.pipeline.control import ControlNetUnit
+    from sdjax_tiny import perturb
+
+    torch_pipe = _torch_pipe(folder)
+    cn = diffusers.ControlNetModel.from_unet(torch_pipe.unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    assert cn.config.addition_embed_type == "text_time"
+    cn = perturb(cn, 21, scale=0.1)
+    cn.save_pretrained(tmp_path / "cn")
+    rng = np.random.default_rng(3)
+    image = np.zeros((H, W, 3), np.uint8)
+    image[12:36, 16:48] = 255
+    image = np.where(rng.random((H, W, 1)) < 0.1, 255 - image, image).astype(np.uint8)
+    ref_pipe = diffusers.StableDiffusionXLControlNetPipeline(**torch_pipe.components, controlnet=cn)
+    with torch.no_grad():
+        theirs = ref_pipe(PROMPT, negative_prompt="blurry", image=Image.fromarray(image), num_inference_steps=STEPS,
+                          guidance_scale=6.0, height=H, width=W, controlnet_conditioning_scale=0.7,
+                          latents=torch.from_numpy(NOISE.transpose(0, 3, 1, 2).copy()), output_type="np").images
+    unit = ControlNetUnit(model=tmp_path / "cn", image=image, scale=0.7)
+    ours, info = _ours(pipe, _sigmas(torch_pipe), PROMPT, controlnets=[unit])
+    assert np.abs(ours - theirs).max() <= 2 / 255 + 1e-6, np.abs(ours - theirs).max() * 255
+    assert "ControlNet 0" in info
+    plain = _theirs(torch_pipe, PROMPT)
+    assert np.abs(plain - theirs).max() > 4 / 255  # the ControlNet changes the image: the check has teeth

@@ -165,7 +165,8 @@ def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax
     return jnp.asarray(step_scales, jnp.float32)[jnp.clip(i, 0, steps - 1)]
 
 
-def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False) -> Callable:
+def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False,
+                   added: tuple | None = None) -> Callable:
     """`hook(x_scaled (2B,h,w,4), t (2B,), context (2B,L,D)) -> {down_residuals, mid_residual}`
     for `guided_denoiser`. static: ((ControlNet graphdef, guess_mode), ...); control: the traced
     {"states", "images", "scales"} (`Inputs.control`); levels: the UNet timesteps of the sigma
@@ -173,7 +174,10 @@ def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool
 
     As diffusers: our CFG batch is [cond, uncond], so the image is repeated to 2B; guess mode runs
     the ControlNet on the cond half only and gives the uncond half zero residuals; several
-    ControlNets' residuals are summed."""
+    ControlNets' residuals are summed. added: SDXL's (pooled, uncond_pooled, time_ids,
+    uncond_time_ids), given to SDXL ControlNets in the same [cond, uncond] order."""
+    sdxl = {} if added is None else {"text_embeds": jnp.concatenate(added[:2], axis=0),
+                                     "time_ids": jnp.concatenate(added[2:], axis=0)}
 
     def hook(x_scaled, t, context):
         b = x_scaled.shape[0] // 2
@@ -185,11 +189,12 @@ def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool
             net = nnx.merge(graphdef, control["states"][j])
             image = jnp.broadcast_to(control["images"][j], (b,) + control["images"][j].shape[1:])
             if guess:  # cond half only (our CFG batch is [cond, uncond]); uncond gets zeros
-                down, mid = net(x_scaled[:b], t[:b], context[:b], image, scales[j], guess_mode=True)
+                down, mid = net(x_scaled[:b], t[:b], context[:b], image, scales[j], guess_mode=True,
+                                **{k: v[:b] for k, v in sdxl.items()})
                 down = [jnp.concatenate([r, jnp.zeros_like(r)], axis=0) for r in down]
                 mid = jnp.concatenate([mid, jnp.zeros_like(mid)], axis=0)
             else:
-                down, mid = net(x_scaled, t, context, jnp.concatenate([image, image], axis=0), scales[j])
+                down, mid = net(x_scaled, t, context, jnp.concatenate([image, image], axis=0), scales[j], **sdxl)
             outputs.append((down, mid))
         down, mid = sum_residuals(outputs)
         return {"down_residuals": down, "mid_residual": mid}
@@ -231,9 +236,10 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             # The hook sees UNet timesteps: map the schedule the same way (sampling.make_denoiser).
             levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
             levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
-            residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control)
         added = None if inputs.pooled is None else (inputs.pooled, inputs.uncond_pooled, inputs.time_ids,
                                                     inputs.uncond_time_ids)
+        if spec.controlnets:
+            residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control, added)
         denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
                                   residuals=residuals, timestep_mode=spec.timestep_mode, added=added)
         if spec.refiner is not None:

@@ -314,7 +314,8 @@ class Generator:
             if job is not None and r.inpaint_full_res:
                 raise TaskError("ControlNet with only-masked inpainting (inpaint_full_res) is not supported")
             prepared = control.prepare(r.controlnets, width, height, steps, start, dtype=pipe.dtype,
-                                       kernels=getattr(pipe, "kernels", None), cache=self.controlnets)
+                                       kernels=getattr(pipe, "kernels", None), cache=self.controlnets,
+                                       unet_config=pipe.unet.config)
             fields["control"], control_static = prepared.inputs, prepared.static
             params_extra.update(prepared.infotext)
         static = tuple(sorted((k, v) for k, v in r.knobs.items() if k in STATIC_KNOBS))
@@ -355,8 +356,6 @@ class Generator:
         refiner UNet's graphdef (static) or None. `nets`: the base's LoRA-merged / embedding-grown
         text encoders and the prompts with embedding names expanded (the refiner gets neither)."""
         pipe = self.pipe
-        if r.controlnets:
-            raise TaskError("ControlNets are not supported for SDXL yet (SD 1.x / 2.x only); remove them")
         fields["cond"], fields["uncond"], fields["pooled"], fields["uncond_pooled"] = sdxl.encode_prompts(
             pipe, nets.prompts, nets.negatives, r.clip_skip, nets=nets)
         fields["time_ids"] = sdxl.conditioning(pipe, r, width, height, b)
