@@ -140,7 +140,8 @@ def save_pipeline(pipe, out_dir: str | Path, *, dtype: str | None = None, unet_s
 
     Configs, tokenizer and scheduler config are copied from the folder the pipeline was
     loaded from (`pipe.model_dir`). dtype: cast floating weights ("float16" for a small
-    release), or None to keep the stored dtype.
+    release), or None to keep the stored dtype. An SDXL pipeline also writes text_encoder_2 and
+    tokenizer_2, and keeps its model_index.json (the refiner has no text_encoder / tokenizer).
     """
     from flax import nnx
 
@@ -149,15 +150,22 @@ def save_pipeline(pipe, out_dir: str | Path, *, dtype: str | None = None, unet_s
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(pipe.model_dir)
     states = {"unet": unet_state, "text_encoder": text_encoder_state, "vae": vae_state}
-    for name in ("unet", "text_encoder", "vae"):
-        component = getattr(pipe, name)
-        state = states[name] if states[name] is not None else component.state
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue  # SD has no text_encoder_2, the SDXL refiner no text_encoder
+        state = states.get(name) if states.get(name) is not None else component.state
         flat = export_state(nnx.merge(component.graphdef, state))
         config = json.loads((src / name / "config.json").read_text())
         save_component(out_dir, name, flat, config, dtype=dtype)
-    copy_tokenizer(src / "tokenizer", out_dir)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            copy_tokenizer(src / name, out_dir, name)
     save_scheduler(out_dir, dict(pipe.scheduler_config))
     index = json.loads((src / "model_index.json").read_text())
+    if getattr(pipe, "family", "sd") != "sd":
+        _write_json(out_dir / "model_index.json", index)
+        return out_dir
     save_model_index(out_dir, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
                      scheduler_class=index.get("scheduler", [None, "EulerDiscreteScheduler"])[1])
     return out_dir
