@@ -80,6 +80,11 @@ def test_sdxl_lora_training_exports_a_kohya_file_diffusers_fuses(model, data, tm
                            lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")), log=lambda m: None)
     trainer.run(progress=False)
     path = trainer.export(tmp_path / "xl_lora.safetensors")
+    from safetensors.numpy import load_file
+    keys = list(load_file(path))
+    # as sd-scripts writes SDXL LoRAs: UNet modules under their SGM names
+    assert any(k.startswith("lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q.") for k in keys)
+    assert not any("down_blocks" in k or "up_blocks" in k for k in keys)
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(model))
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     pipe.fuse_lora(components=["unet"], lora_scale=1.0)

@@ -15,6 +15,7 @@ is the last good one; non-finite weights are never exported.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -40,6 +41,7 @@ from sdjax.train.config import TrainConfig
 from sdjax.train.logs import MetricsLog, plot_loss
 from sdjax.weights.diffusers import abstract_model
 from sdjax.weights.export import save_pipeline
+from sdjax.weights.lora import sgm_names
 
 
 class Trainer:
@@ -249,7 +251,11 @@ class Trainer:
                 "ss_seed": cfg.seed, "ss_num_train_images": len(self.dataset),
                 "ss_base_model_version": {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(
                     self.pipe.unet.config.cross_attention_dim[0], "sdjax_custom")}
-        return lora_lib.save_kohya(path, self.lora, jax.device_get(params), dtype=dtype, metadata=meta)
+        # SDXL LoRAs are written as sd-scripts writes them: UNet modules under their SGM names.
+        unet_names = sgm_names(self.lora.modules.get("unet", ()), dataclasses.asdict(self.pipe.unet.config)) \
+            if self.sdxl else None
+        return lora_lib.save_kohya(path, self.lora, jax.device_get(params), dtype=dtype, metadata=meta,
+                                   unet_names=unet_names)
 
     def write_samples(self) -> None:
         """Images for cfg.sample_prompts with the current weights, under `samples/<step>/`."""

@@ -174,14 +174,31 @@ def module_index(state: nnx.State, component: str, unet_config: Mapping[str, Any
         if component.startswith("text_encoder"):
             index["text_model_" + key] = path
     if component == "unet" and unet_config is not None:
-        diffusers_names = {".".join(str(p) for p in path[:-1]) + ".weight": path for path in index.values()}
-        try:
-            sgm_names = ldm.unet_to_ldm(dict.fromkeys(diffusers_names), unet_config)
-        except CheckpointError:
-            return index  # a UNet the LDM tables do not describe: diffusers names only
-        for d_name, s_name in zip(diffusers_names, sgm_names):  # `_rename` keeps the order
-            index.setdefault(s_name.removesuffix(".weight").replace(".", "_"), diffusers_names[d_name])
+        for d_key, s_key in sgm_names(index, unet_config).items():
+            index.setdefault(s_key, index[d_key])
     return index
+
+
+def sgm_names(keys: Iterable[str], unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """`_`-form diffusers UNet module names -> their `_`-form SGM / LDM names (kohya's SDXL
+    spelling: `down_blocks_1_attentions_0_proj_in` -> `input_blocks_4_1_proj_in` for SDXL);
+    {} for a UNet the LDM tables do not describe."""
+    keys = list(keys)
+    try:
+        table = ldm.unet_table(unet_config)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    prefixes = sorted(((d.replace(".", "_"), l.replace(".", "_"), {k.replace(".", "_"): v.replace(".", "_")
+                                                                   for k, v in inner.items()})
+                       for d, l, inner in table), key=lambda row: -len(row[0]))
+    out = {}
+    for key in keys:
+        for d, l, inner in prefixes:
+            if key == d or key.startswith(d + "_"):
+                rest = key[len(d) + 1:]
+                out[key] = "_".join(p for p in (l, inner.get(rest, rest)) if p)
+                break
+    return out
 
 
 def _fit(delta: np.ndarray, kernel_shape: tuple[int, ...], key: str) -> np.ndarray:
@@ -298,4 +315,5 @@ def load_loras(requests: Iterable[tuple[str, float] | tuple[str, float, float]],
     return out
 
 
-__all__ = ["LoRA", "LoRAModule", "parse_lora", "read_lora", "module_index", "merge", "unmerge", "load_loras"]
+__all__ = ["LoRA", "LoRAModule", "parse_lora", "read_lora", "module_index", "sgm_names", "merge", "unmerge",
+           "load_loras"]
