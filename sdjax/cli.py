@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sdjax import parallel, runtime
 from sdjax.cli_networks import add_convert_parser, add_network_arguments, network_kwargs, run_convert
+from sdjax.cli_sdxl import INFOTEXT_KEYS, add_sdxl_arguments, sdxl_options
 from sdjax.cli_train import add_train_parser, run_train
 from sdjax.errors import SdjaxError, UsageError
 from sdjax.images import escape_control, make_grid, read_infotext, save_png
@@ -91,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="progress bar on stderr (default: when stderr is a terminal)")
         add_parallel_flags(s)
         add_network_arguments(s)
+        add_sdxl_arguments(s)
         if name == "generate":
             s.add_argument("--from-png", help="regenerate from the parameters stored in this PNG")
             s.add_argument("--image", help=argparse.SUPPRESS)
@@ -170,7 +172,7 @@ def _from_png(path: str) -> dict:
             "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
             "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "Variation seed": ("subseed", int),
             "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("strength", float),
-            "Mask blur": ("mask_blur", float), "Eta": ("eta", float)}
+            "Mask blur": ("mask_blur", float), "Eta": ("eta", float), **INFOTEXT_KEYS}
     for key, (name, fn) in conv.items():
         if key in p:
             try:
@@ -218,6 +220,7 @@ def _check_request(options: dict, limits, where: str = "") -> Request:
             kw["strength"] = options["strength"]
     knobs = {k: options[k] for k in ("eta",) if options.get(k) is not None}
     try:
+        kw.update(sdxl_options(options))
         check_request(batch_count=options.get("batch_count"))  # a CLI option, not part of a request
         return Request(options.get("prompt", ""), **kw, knobs=knobs, limits=limits)
     except SdjaxError as e:
@@ -271,6 +274,7 @@ def _generate_kwargs(o: dict, command: str) -> dict:
         kw.update(mask_blur=o["mask_blur"], strength=o["strength"] if "strength" in o.get("_explicit", ()) else 1.0)
         kw["inpainting_fill"] = o["masked_content"] if "masked_content" in o.get("_explicit", ()) else "fill"
     kw.update(network_kwargs(o))  # LoRA, embeddings, ControlNet (sdjax.cli_networks)
+    kw.update(sdxl_options(o))  # size conditioning, refiner switch (sdjax.cli_sdxl)
     return kw
 
 
@@ -310,6 +314,12 @@ def _run(args) -> int:
     defaults.update(device_kw)
     defaults["limits"] = limits
     identity = f"{model_hash(pipe)}:{o['dtype']}:{os.fspath(Path(model).resolve())}"
+    refiner = None
+    if o.get("refiner"):
+        if not Path(o["refiner"]).exists():
+            raise UsageError(f"--refiner {o['refiner']!r} does not exist")
+        refiner = load_pipeline(o["refiner"], o["dtype"], attention=o.get("attention"), conv=o.get("conv"))
+        identity += f":refiner={model_hash(refiner)}:{os.fspath(Path(o['refiner']).resolve())}"
     all_jobs = batch.plan(entries, defaults, o["batch_count"], identity)
     if single_file:
         n = sum(len(j.names) for j in all_jobs)
@@ -326,6 +336,8 @@ def _run(args) -> int:
         bar = tqdm(total=sum(len(j.names) for j in jobs), unit="img", file=sys.stderr)
 
     def generate(**kw):
+        if refiner is not None:
+            kw["refiner"] = refiner
         if command == "outpaint":
             sides = {s: o[s] for s in ("left", "right", "up", "down")}
             return pipe.outpaint(o["image"], kw.pop("prompt"), **sides, **kw,

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "sdjax"
 # Function-level `sdjax` imports that are allowed: (module, imported module).
 LAZY_ALLOWED = {("sdjax", "sdjax.pipeline")}  # `sdjax.load_pipeline` without importing JAX at `import sdjax`
 LOWER_FLOORS = ("sdjax.models", "sdjax.sampling", "sdjax.weights")
-UPPER_FLOORS = ("sdjax.pipeline", "sdjax.cli", "sdjax.cli_networks", "sdjax.cli_train", "sdjax.train")
+UPPER_FLOORS = ("sdjax.pipeline", "sdjax.cli", "sdjax.cli_networks", "sdjax.cli_sdxl", "sdjax.cli_train", "sdjax.train")
 
 
 def _module_name(path: Path) -> str:

@@ -59,7 +59,8 @@ class _Consuming(dict):
     so a full-size model is never held twice in memory."""
 
     def __init__(self, module: torch.nn.Module):
-        self.tensors = dict(module.state_dict())
+        # the Parameter objects themselves (state_dict() holds detached aliases of their storage)
+        self.tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
         super().__init__({k: None for k in self.tensors})
 
     def __getitem__(self, name):

@@ -70,7 +70,7 @@ def _sigmas(torch_pipe, steps):
     return sigmas
 
 
-@pytest.mark.parametrize("negative", [NEG, ""])
+@pytest.mark.parametrize("negative", [pytest.param(NEG, marks=pytest.mark.slow), ""])
 def test_txt2img_matches_diffusers(base, negative):
     torch_pipe, pipe = base
     assert pipe.family == "sdxl" and pipe.force_zeros_for_empty_prompt
@@ -217,3 +217,85 @@ def test_sdxl_refuses_what_it_does_not_support(base, tmp_path):
         pipe.generate(PROMPT, steps=2, width=W, height=H, clip_skip=2)
     with pytest.raises(CheckpointError, match="lora_dir"):  # SDXL LoRAs: tests/test_sdxl_networks.py
         pipe.generate(PROMPT + " <lora:x:1>", steps=2, width=W, height=H)
+
+
+@pytest.mark.slow  # float16 compiles slowly on CPU (~40 s)
+def test_float16_sdxl_vae_overflow_is_decoded_again_in_float32(base):
+    """The SDXL VAE overflows in float16 (activations past 65504): the NaN images are detected and
+    decoded again in float32, as A1111 does. The decoder's first conv is scaled until it overflows
+    in float16 (its weights still finite there); without the retry this raises NonFiniteError."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    pipe16 = sdjax.load_pipeline(base[1].model_dir, dtype="float16")
+    kernel = next(v for p, v in nnx.to_flat_state(pipe16.vae.state)
+                  if tuple(map(str, p)) == ("decoder", "conv_in", "kernel"))
+    factor = 3e4 / float(np.abs(np.asarray(kernel.get_value(), np.float32)).max())
+
+    def scale(path, a):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        hit = names[:2] == ["decoder", "conv_in"] and "kernel" in names
+        return (a.astype(jnp.float32) * factor).astype(a.dtype) if hit else a
+
+    pipe16.vae.state = jax.tree_util.tree_map_with_path(scale, pipe16.vae.state)
+    kw = dict(steps=2, sampler="euler", width=W, height=H, seed=4)
+    with pytest.warns(RuntimeWarning, match="decoding again in float32"):
+        res = pipe16.generate(PROMPT, **kw)
+    pixels = np.asarray(res.images[0], np.float32)
+    assert np.isfinite(res.latents).all() and pixels.std() > 0
+
+
+@pytest.mark.slow  # one more compile (~30 s on a shared CPU)
+def test_outpaint_latent_mask_keeps_the_original(base):
+    """Outpainting (latent-mask inpainting on an extended canvas) with the SDXL base: the original
+    pixels come back unchanged (pasted back), the new strip is generated."""
+    pipe = base[1]
+    img = Image.fromarray(_image(seed=6)[:, :48])  # 48x48 -> 64x48 with 16 px on the right
+    res = pipe.outpaint(img, PROMPT, right=16, steps=3, sampler="euler", seed=2)
+    out = np.asarray(res.images[0])
+    assert out.shape == (H, W, 3)
+    # outside the mask, its 8 px overlap and the mask blur (4: A1111 blurs about 3 sigma wide)
+    np.testing.assert_array_equal(out[:, :24], np.asarray(img)[:, :24])
+    assert out[:, 48:].std() > 1
+
+
+@pytest.mark.parametrize("name, family", [("sd15", "sd"), ("sd21", "sd"), ("sdxl-base", "sdxl"),
+                                          ("sdxl-refiner", "sdxl-refiner")])
+def test_family_from_the_reference_folders(name, family):
+    from conftest import reference
+    from sdjax.weights.diffusers import model_family, read_model_index
+
+    assert model_family(read_model_index(reference(name))) == family
+
+
+def test_a_folder_mixing_families_is_refused(base, tmp_path):
+    import json
+    import shutil
+
+    from conftest import reference
+    from sdjax.errors import CheckpointError
+
+    folder = tmp_path / "mixed"
+    shutil.copytree(base[1].model_dir, folder)
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    for key in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        unet[key] = None
+    (folder / "unet" / "config.json").write_text(json.dumps(unet))
+    with pytest.raises(CheckpointError, match="mixes model families"):
+        sdjax.load_pipeline(folder)
+    index = json.loads((reference("sdxl-base") / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]  # tokenizer_2 without its encoder
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="tokenizer_2 without text_encoder_2"):
+        sdjax.load_pipeline(folder)
+
+
+def test_sdxl_refiner_training_is_refused_clearly(refiner, tmp_path):
+    # SDXL convert and base training: tests/test_sdxl_single_file.py, tests/test_sdxl_train.py
+    from sdjax.errors import ConfigError
+    from sdjax.train.config import TrainConfig
+    from sdjax.train.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="SDXL base model"):
+        Trainer(TrainConfig(model=str(refiner[1].model_dir), data=str(tmp_path), output_dir=str(tmp_path / "run")))

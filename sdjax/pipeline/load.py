@@ -114,6 +114,9 @@ class Pipeline:
         `lora_strict=False` to warn on unmatched keys; embeddings: `embeddings=[paths]`,
         `embeddings_dir=...` (`sdjax.pipeline.networks`). ControlNet: `controlnets=[sdjax.pipeline.control.ControlNetUnit(
         model, image, scale, start, end, preprocessor, ...)]` (`sdjax.pipeline.control`).
+        SDXL: original_size, crops_coords_top_left, target_size (and negative_ forms),
+        aesthetic_score / negative_aesthetic_score (refiner), refiner=<loaded refiner Pipeline> with
+        refiner_switch_at (`sdjax.pipeline.sdxl`).
         """
         run = {k: options.pop(k) for k in self._RUN_OPTIONS if k in options}
         fields = {f.name for f in dataclasses.fields(Request)} - {"knobs"}

@@ -22,7 +22,7 @@ the refiner the rest, in one compiled function (`sdjax.pipeline.core`).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @functools.lru_cache(maxsize=16)
-def penultimate_fn(graphdef) -> callable:
+def penultimate_fn(graphdef) -> Callable:
     """jit(fn(state, ids (n, 77) int32) -> (penultimate hidden states (n, 77, D) float32,
     text_embeds (n, P) float32 or None)): what SDXL takes from each text encoder."""
 

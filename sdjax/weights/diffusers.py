@@ -192,7 +192,8 @@ def load_model(
 ) -> tuple[nnx.Module, Any]:
     """One component folder (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`) -> (model with weights, config).
 
-    kind: "unet", "vae", "text_encoder" or "text_encoder_2" (SDXL's CLIPTextModelWithProjection). dtype: parameter and compute dtype
+    kind: "unet", "vae", "text_encoder" or "text_encoder_2" (SDXL's CLIPTextModelWithProjection).
+    dtype: parameter and compute dtype
     (float32 or bfloat16). variant: prefer `*.{variant}.safetensors` files (e.g.
     "fp16"; their values are cast to `dtype`). sharding: optional
     `(state path, abstract leaf) -> Sharding` for each parameter (default: the
