@@ -3,8 +3,6 @@ the weights diffusers' `load_lora_weights` + `fuse_lora` give, and the same imag
 noise); an SDXL textual-inversion embedding (`clip_l` / `clip_g`) gives diffusers' images with the
 embedding loaded into both encoders. Tiny random SDXL (tests/sdjax_tiny_sdxl.py)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -75,7 +73,8 @@ def _shapes(torch_pipe):
 
 def _down_up(shape, g, rank):
     if len(shape) == 4:
-        return (torch.randn((rank, *shape[1:]), generator=g) * 0.3, torch.randn((shape[0], rank, 1, 1), generator=g) * 0.3)
+        return (torch.randn((rank, *shape[1:]), generator=g) * 0.3,
+                torch.randn((shape[0], rank, 1, 1), generator=g) * 0.3)
     return torch.randn((rank, shape[1]), generator=g) * 0.3, torch.randn((shape[0], rank), generator=g) * 0.3
 
 

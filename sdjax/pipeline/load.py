@@ -150,7 +150,8 @@ def load_pipeline(
     A `.safetensors` / `.ckpt` single file (original LDM layout, as A1111 and ComfyUI
     use) is read by `sdjax.weights.single_file`; for it only, `prediction_type`
     ("epsilon" / "v_prediction") overrides detection and `config_dir` (a diffusers
-    folder) replaces the shipped SD1/SD2 configs. `model_dir` is then the file.
+    folder) replaces the shipped SD1/SD2/SDXL configs (SDXL base, inpainting or refiner single files
+    are told apart from their tensors). `model_dir` is then the file.
 
     path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/ (safety_checker/ and feature_extractor/ are ignored); SDXL adds text_encoder_2/ and
