@@ -6,6 +6,7 @@
         --control-preprocessor canny --control-scale 0.9 --control-start 0 --control-end 0.8
     sdjax convert model.safetensors model_diffusers/ [--prediction-type v_prediction]
     sdjax convert model_diffusers/ model.safetensors [--dtype float16]
+    (SD 1.x, 2.x and SDXL base / refiner: the single file in the original LDM / SGM layout)
 
 --controlnet, --control-image, --control-scale, --control-start, --control-end,
 --control-preprocessor and --control-guess-mode are repeatable and matched by position
@@ -109,7 +110,7 @@ def add_convert_parser(sub) -> None:
     c.add_argument("dst", help="a diffusers folder (from a file), or a .safetensors file (from a folder)")
     c.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
                    help="override the single file's detected prediction type")
-    c.add_argument("--config-dir", help="a diffusers folder whose configs replace the shipped SD1/SD2 ones")
+    c.add_argument("--config-dir", help="a diffusers folder whose configs (and tokenizers) replace the shipped SD1/SD2/SDXL ones")
     c.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="cast the weights (default: copy them bit-exactly)")
     c.add_argument("--no-ema", action="store_true", help="use the non-EMA weights of a single file")

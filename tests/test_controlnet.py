@@ -128,7 +128,7 @@ def test_reference_configs(name):
     ("cross_attention_dim", [768] * 4, "cross_attention_dim"),
     ("class_embed_type", "timestep", "controlnet config: class_embed_type"),
     ("mid_block_type", "UNetMidBlock2D", "mid_block_type"),
-    ("addition_embed_type", "text_time", "not supported yet"),
+    ("addition_embed_type", "text_time", "addition_time_embed_dim"),  # SDXL needs its time-id settings
     ("global_pool_conditions", "yes", "global_pool_conditions"),
     ("conditioning_embedding_out_channels", [], "conditioning_embedding_out_channels"),
     ("up_block_types", ["UpBlock2D"] * 4, "unknown key"),  # a UNet key, not a ControlNet one

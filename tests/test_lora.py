@@ -225,8 +225,8 @@ def test_parse_formats_and_refusals():
     np.testing.assert_allclose(m.delta(), 0.5 * (u @ d))  # alpha / rank = 1 / 2
     with pytest.raises(CheckpointError, match="LoHa"):
         parse_lora({"lora_unet_x.hada_w1_a": d})
-    with pytest.raises(CheckpointError, match="SDXL"):
-        parse_lora({"lora_te2_x.lora_down.weight": d})
+    te2 = parse_lora({"lora_te2_x.lora_down.weight": d, "lora_te2_x.lora_up.weight": u})  # SDXL's bigG
+    assert [(m.component, m.key) for m in te2.modules] == [("text_encoder_2", "x")]
     with pytest.raises(CheckpointError, match="needs both"):
         parse_lora({"lora_unet_x.lora_down.weight": d})
 

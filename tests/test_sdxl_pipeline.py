@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import sdjax
-from sdjax.errors import RequestError, TaskError
+from sdjax.errors import CheckpointError, RequestError, TaskError
 from sdjax.pipeline import sdxl
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_sdxl_pipeline
@@ -215,7 +215,7 @@ def test_sdxl_refuses_what_it_does_not_support(base, tmp_path):
     pipe = base[1]
     with pytest.raises(TaskError, match="clip skip"):
         pipe.generate(PROMPT, steps=2, width=W, height=H, clip_skip=2)
-    with pytest.raises(TaskError, match="LoRA"):
+    with pytest.raises(CheckpointError, match="lora_dir"):  # SDXL LoRAs: tests/test_sdxl_networks.py
         pipe.generate(PROMPT + " <lora:x:1>", steps=2, width=W, height=H)
 
 
@@ -291,13 +291,11 @@ def test_a_folder_mixing_families_is_refused(base, tmp_path):
         sdjax.load_pipeline(folder)
 
 
-def test_sdxl_convert_and_training_are_refused_clearly(base, tmp_path):
-    from sdjax.errors import CheckpointError, ConfigError
+def test_sdxl_refiner_training_is_refused_clearly(refiner, tmp_path):
+    # SDXL convert and base training: tests/test_sdxl_single_file.py, tests/test_sdxl_train.py
+    from sdjax.errors import ConfigError
     from sdjax.train.config import TrainConfig
     from sdjax.train.trainer import Trainer
-    from sdjax.weights.single_file import convert_diffusers_to_single_file
 
-    with pytest.raises(CheckpointError, match="SDXL"):
-        convert_diffusers_to_single_file(base[1].model_dir, tmp_path / "x.safetensors")
-    with pytest.raises(ConfigError, match="training SDXL is not supported yet"):
-        Trainer(TrainConfig(model=str(base[1].model_dir), data=str(tmp_path), output_dir=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match="SDXL base model"):
+        Trainer(TrainConfig(model=str(refiner[1].model_dir), data=str(tmp_path), output_dir=str(tmp_path / "run")))

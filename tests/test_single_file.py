@@ -213,12 +213,13 @@ def test_template_mismatch_says_what_to_do(folders, tmp_path):
         read_single_file(path)
 
 
-def test_sdxl_refused(tmp_path):
+def test_incomplete_sdxl_refused(tmp_path):
     path = tmp_path / "xl.safetensors"
     np_save_file({"conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight":
                   np.zeros((77, 8), np.float32),
                   "model.diffusion_model.input_blocks.0.0.weight": np.zeros((8, 4, 3, 3), np.float32)}, str(path))
-    with pytest.raises(CheckpointError, match="SDXL is not supported yet"):
+    # CLIP-L without OpenCLIP bigG: neither the SDXL base nor the refiner
+    with pytest.raises(CheckpointError, match="unknown set of text encoders"):
         read_single_file(path)
 
 

@@ -15,7 +15,8 @@ messages). Three sources share that interface:
 `CaptionLoader` turns a dataset into an endless stream of batches: the examples are
 laid out epoch after epoch, each epoch a permutation drawn from (seed, epoch); batch
 `step` holds stream positions [step * B, (step + 1) * B) (a batch may straddle two
-epochs); a caption is dropped (replaced by "") when a uniform drawn from
+epochs) and each example's original size and crop ("crops": (B, 4) original height, width,
+crop top, left: SDXL's time ids); a caption is dropped (replaced by "") when a uniform drawn from
 (seed, epoch, index) is below `caption_dropout`. So batch `step` is a pure function of
 (dataset, seed, B, caption_dropout, step), and resuming at any step (`batches(step)`
 or `load_state_dict`) continues exactly where training stopped.
@@ -54,21 +55,26 @@ def load_image(path: str | Path) -> Image.Image:
         raise DatasetError(f"cannot read image {path}: {e}") from e
 
 
-def preprocess(image: Image.Image | np.ndarray, resolution: int) -> np.ndarray:
+def preprocess(image: Image.Image | np.ndarray, resolution: int, *, return_crop: bool = False):
     """Resize the shorter side to `resolution` (bicubic), center-crop to a square.
 
-    image: PIL RGB image or uint8 HWC array. Returns float32 HWC RGB in [-1, 1].
+    image: PIL RGB image or uint8 HWC array. Returns float32 HWC RGB in [-1, 1]; with
+    `return_crop`, also (original height, original width, crop top, crop left), the crop in the
+    resized image's pixels: SDXL's size and crop conditioning, as diffusers' SDXL training
+    script computes it.
     """
     if not isinstance(image, Image.Image):
         image = Image.fromarray(np.asarray(image, dtype=np.uint8))
     w, h = image.size
+    left = top = 0
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
         new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
-    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    pixels = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return (pixels, (h, w, top, left)) if return_crop else pixels
 
 
 def _read_caption(path: Path) -> str:
@@ -95,6 +101,12 @@ class _FileDataset:
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         path, caption = self.items[index]
         return preprocess(load_image(path), self.resolution), caption
+
+    def item_with_crop(self, index: int) -> tuple[np.ndarray, str, tuple[int, int, int, int]]:
+        """`self[index]` plus (original height, original width, crop top, crop left) (`preprocess`)."""
+        path, caption = self.items[index]
+        pixels, crop = preprocess(load_image(path), self.resolution, return_crop=True)
+        return pixels, caption, crop
 
 
 class ImageCaptionFolder(_FileDataset):
@@ -246,13 +258,17 @@ class CaptionLoader:
     def batch(self, step: int) -> dict:
         """Batch `step` (does not move the loader's position)."""
         indices, epochs = self.indices(step)
+        # Datasets drawn at their size (synthetic) were neither resized nor cropped.
+        full = getattr(self.dataset, "item_with_crop", None) or (
+            lambda i: (lambda im, c: (im, c, (np.shape(im)[0], np.shape(im)[1], 0, 0)))(*self.dataset[i]))
         if self.num_workers > 0:
             with ThreadPoolExecutor(self.num_workers) as pool:
-                items = list(pool.map(lambda i: self.dataset[int(i)], indices))
+                items = list(pool.map(lambda i: full(int(i)), indices))
         else:
-            items = [self.dataset[int(i)] for i in indices]
-        captions = ["" if self.dropped(int(e), int(i)) else c for (_, c), e, i in zip(items, epochs, indices)]
-        return {"images": np.stack([np.asarray(im, np.float32) for im, _ in items]), "captions": captions,
+            items = [full(int(i)) for i in indices]
+        captions = ["" if self.dropped(int(e), int(i)) else c for (_, c, _), e, i in zip(items, epochs, indices)]
+        return {"images": np.stack([np.asarray(im, np.float32) for im, _, _ in items]), "captions": captions,
+                "crops": np.asarray([crop for _, _, crop in items], np.int64).reshape(len(items), 4),
                 "indices": indices, "epochs": epochs, "step": int(step)}
 
     def batches(self, start_step: int | None = None) -> Iterator[dict]:

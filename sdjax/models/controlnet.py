@@ -1,5 +1,5 @@
 """diffusers' ControlNetModel (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image
-Diffusion Models") for SD 1.x / 2.x, in Flax NNX. Math only, NHWC.
+Diffusion Models") for SD 1.x / 2.x and SDXL, in Flax NNX. Math only, NHWC.
 
 A ControlNet is a trainable copy of the UNet's encoder (conv_in, time embedding, down blocks,
 mid block; the classes are imported from `sdjax.models.unet`, not copied) plus
@@ -8,6 +8,9 @@ mid block; the classes are imported from `sdjax.models.unet`, not copied) plus
                                 in [0, 1]) to the latent resolution and block_out_channels[0]
     controlnet_down_blocks[i]   one zero-initialised 1x1 conv per UNet skip activation
     controlnet_mid_block        one zero-initialised 1x1 conv on the mid-block output
+
+An SDXL ControlNet (`addition_embed_type="text_time"`) also has the UNet's `add_embedding`: the
+pooled text embedding and the time ids join the timestep embedding exactly as in the UNet.
 
 Its outputs are the residuals the UNet adds to its skips and mid-block output
 (`UNet2DConditionModel.__call__(..., down_residuals=, mid_residual=)`). Attribute names
@@ -84,10 +87,6 @@ class ControlNetConfig:
                 raise ConfigError(f"controlnet config: {key}={d[key]!r}: diffusers' ControlNetModel takes "
                                   "one integer here, not a list per block")
         unet_dict = {k: v for k, v in d.items() if k in _UNET_KEYS}
-        if unet_dict.get("addition_embed_type") is not None:
-            # The ControlNet body here has no add_embedding: an SDXL ControlNet would run unconditioned.
-            raise ConfigError(f"controlnet config: addition_embed_type={unet_dict['addition_embed_type']!r} (an "
-                              "SDXL ControlNet) is not supported yet; sdjax runs SD 1.x / 2.x ControlNets")
         # Unlike the UNet, ControlNetModel accepts num_attention_heads: `heads = num_attention_heads or
         # attention_head_dim`, which is UNetConfig's legacy rule once the value is moved over.
         heads = unet_dict.pop("num_attention_heads", None)
@@ -170,7 +169,7 @@ def guess_mode_scales(n_down: int, conditioning_scale: jax.Array | float = 1.0) 
 
 
 class ControlNetModel(nnx.Module):
-    """ControlNet for the SD 1.x / 2.x UNet. Params in `param_dtype`, compute in `dtype`."""
+    """ControlNet for the SD 1.x / 2.x and SDXL UNets. Params in `param_dtype`, compute in `dtype`."""
 
     def __init__(self, config: ControlNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.config = config
@@ -181,6 +180,9 @@ class ControlNetModel(nnx.Module):
         temb_ch = chans[0] * 4
         self.conv_in = conv(cfg.in_channels, chans[0], 3, **kw)
         self.time_embedding = TimestepEmbedding(chans[0], temb_ch, **kw)
+        # diffusers' `add_time_proj` (Timesteps) has no weights: `timestep_embedding` in __call__.
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch, **kw) \
+            if cfg.addition_embed_type == "text_time" else None
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             chans[0], config.conditioning_channels, config.conditioning_embedding_out_channels, **kw)
 
@@ -199,7 +201,8 @@ class ControlNetModel(nnx.Module):
 
     def __call__(self, latents_nhwc: jax.Array, timesteps: jax.Array | float | int, context: jax.Array,
                  cond_image_nhwc: jax.Array, conditioning_scale: jax.Array | float = 1.0,
-                 guess_mode: bool = False) -> tuple[list[jax.Array], jax.Array]:
+                 guess_mode: bool = False, text_embeds: jax.Array | None = None,
+                 time_ids: jax.Array | None = None) -> tuple[list[jax.Array], jax.Array]:
         """diffusers' `ControlNetModel.forward`, returning (down residuals, mid residual).
 
         latents_nhwc: (B, h, w, in_channels) noisy latents, as given to the UNet.
@@ -211,6 +214,8 @@ class ControlNetModel(nnx.Module):
           value computed host-side).
         guess_mode: Python bool (static): residual i is further scaled by
           `guess_mode_scales(n)[i]` (0.1 .. 1.0), unless `global_pool_conditions`.
+        text_embeds, time_ids: SDXL ControlNets only (and required there): (B, pooled width) and
+          (B, n), as for the UNet (`UNet2DConditionModel.__call__`).
         Returns `config.num_down_residuals` arrays, the i-th shaped like the UNet's i-th skip
         activation, and the mid residual (B, h / 2**(n-1), w / 2**(n-1), C_last); with
         `global_pool_conditions` each is averaged over H and W to (B, 1, 1, C). In `dtype`.
@@ -221,6 +226,16 @@ class ControlNetModel(nnx.Module):
         t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = self.time_embedding(t_emb.astype(self.dtype))
+        if self.add_embedding is not None:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this is an SDXL ControlNet (addition_embed_type='text_time'): pass text_embeds "
+                                 "(B, pooled width) and time_ids (B, n)")
+            ids = timestep_embedding(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift).reshape(b, -1)
+            pooled = jnp.broadcast_to(text_embeds, (b, text_embeds.shape[-1])).astype(jnp.float32)
+            temb = temb + self.add_embedding(jnp.concatenate([pooled, ids], axis=-1).astype(self.dtype))
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds / time_ids are SDXL conditioning; this ControlNet has no add_embedding")
 
         cond = cond_image_nhwc.astype(self.dtype)
         if config.flip_channels:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdjax.errors import TaskError
 from sdjax.images import save_png
 from sdjax.models.kernels import Kernels
 from sdjax.pipeline.canny import canny
@@ -65,12 +66,14 @@ class ControlNet(Component):
         return self.config.image_downscale
 
     def __call__(self, latents_nhwc, timesteps, context, cond_image_nhwc, conditioning_scale=1.0, *,
-                 guess_mode: bool = False):
+                 guess_mode: bool = False, text_embeds=None, time_ids=None):
         """latents (B, h, w, C), timesteps scalar or (B,), context (B, L, D), control image
         (B, 8h, 8w, 3) in [0, 1] -> (down residuals, mid residual), NHWC, for the UNet's
-        `down_residuals` / `mid_residual`."""
+        `down_residuals` / `mid_residual`. SDXL ControlNets also take `text_embeds` (B, P) and
+        `time_ids` (B, n), as the SDXL UNet."""
+        sdxl = {} if text_embeds is None and time_ids is None else {"text_embeds": text_embeds, "time_ids": time_ids}
         return self.apply(self.state, latents_nhwc, timesteps, context, cond_image_nhwc,
-                          jnp.asarray(conditioning_scale, jnp.float32), guess_mode=guess_mode)
+                          jnp.asarray(conditioning_scale, jnp.float32), guess_mode=guess_mode, **sdxl)
 
 
 def load_controlnet(path: str | os.PathLike, dtype: Any = "float32", *, config: Any = None,
@@ -265,15 +268,23 @@ def unit_infotext(unit: ControlNetUnit, net: ControlNet, width: int, height: int
 
 
 def prepare(units: Sequence[ControlNetUnit], width: int, height: int, steps: int, start: int, *,
-            dtype, kernels: Kernels | None, cache: dict) -> PreparedControl:
+            dtype, kernels: Kernels | None, cache: dict, unet_config=None) -> PreparedControl:
     """Load the units' models, prepare their images at (width, height), and build the traced
     (steps, n) scale table (models loaded from paths are kept in `cache`): diffusers' rule over the `steps - start` steps run, left-padded
-    with `start` zero rows (img2img). Raises ValueError for bad fractions / preprocessors."""
+    with `start` zero rows (img2img). Raises ValueError for bad fractions / preprocessors, and
+    TaskError for a ControlNet made for another kind of UNet than `unet_config` (`UNetConfig`:
+    SD 1.x / 2.x vs SDXL, context width)."""
     static, states, images, infotext = [], [], [], {}
     for i, unit in enumerate(units):
         if not isinstance(unit, ControlNetUnit):
             raise TypeError(f"controlnets[{i}] must be a ControlNetUnit, not {type(unit).__name__}")
         net = _load(unit.model, dtype, kernels, cache)
+        if unet_config is not None:
+            ours = (net.config.unet.addition_embed_type, net.config.unet.cross_attention_dim[0])
+            theirs = (unet_config.addition_embed_type, unet_config.cross_attention_dim[0])
+            if ours != theirs:
+                kind = lambda v: f"{'an SDXL' if v[0] == 'text_time' else 'an SD 1.x / 2.x'} UNet (context {v[1]})"  # noqa: E731
+                raise TaskError(f"ControlNet {unit.model}: made for {kind(ours)}, but this model is {kind(theirs)}")
         hint = prepare_control_image(unit.image, width, height, preprocessor=unit.preprocessor,
                                      low_threshold=unit.low_threshold, high_threshold=unit.high_threshold,
                                      save_path=unit.save_path)

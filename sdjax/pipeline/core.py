@@ -136,20 +136,13 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
         def conditioning(sigma):
             return cond[:, None], uncond
 
-    def sdxl_kwargs(n_cond: int) -> dict:
-        if added is None:
-            return {}
-        pooled, uncond_pooled, time_ids, uncond_time_ids = added
-        s = n_cond // pooled.shape[0]
-        return {"text_embeds": jnp.concatenate([jnp.repeat(pooled, s, axis=0), uncond_pooled], axis=0),
-                "time_ids": jnp.concatenate([jnp.repeat(time_ids, s, axis=0), uncond_time_ids], axis=0)}
 
     def network(x_scaled, t, context, n_cond):
         kwargs = residuals(x_scaled, t, context, n_cond) if residuals is not None else {}
         if extra_channels is not None:
             extra = _rows(extra_channels, n_cond // extra_channels.shape[0]).astype(x_scaled.dtype)
             x_scaled = jnp.concatenate([x_scaled, extra], axis=-1)
-        return unet(x_scaled, t, context, **kwargs, **sdxl_kwargs(n_cond))
+        return unet(x_scaled, t, context, **kwargs, **added_rows(added, n_cond))
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
@@ -171,6 +164,18 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
         return guided
 
     return denoise
+
+
+def added_rows(added: tuple | None, n_cond: int) -> dict:
+    """SDXL's UNet / ControlNet keyword inputs {text_embeds, time_ids} for a CFG batch of
+    [n_cond cond rows (each image's S sub-prompts, image-major), B uncond rows], from
+    added = (pooled, uncond_pooled (B, P), time_ids, uncond_time_ids (B, n)); {} without SDXL."""
+    if added is None:
+        return {}
+    pooled, uncond_pooled, time_ids, uncond_time_ids = added
+    s = n_cond // pooled.shape[0]
+    return {"text_embeds": jnp.concatenate([jnp.repeat(pooled, s, axis=0), uncond_pooled], axis=0),
+            "time_ids": jnp.concatenate([jnp.repeat(time_ids, s, axis=0), uncond_time_ids], axis=0)}
 
 
 def _rows(x: jax.Array, s: int) -> jax.Array:
@@ -219,7 +224,8 @@ def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax
     return jnp.asarray(step_scales, jnp.float32)[i]
 
 
-def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False) -> Callable:
+def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool = False,
+                   added: tuple | None = None) -> Callable:
     """`hook(x_scaled (n,h,w,4), t (n,), context (n,L,D), n_cond) -> {down_residuals, mid_residual}`
     for `guided_denoiser`. static: ((ControlNet graphdef, guess_mode), ...); control: the traced
     {"states", "images", "scales"} (`Inputs.control`); levels: the UNet timesteps of the sigma
@@ -227,11 +233,13 @@ def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool
 
     As diffusers: our CFG batch is [cond rows (n_cond), uncond rows], so the image is repeated to
     every row; guess mode runs the ControlNet on the cond rows only and gives the uncond rows zero
-    residuals; several ControlNets' residuals are summed."""
+    residuals; several ControlNets' residuals are summed. added: SDXL's (pooled, uncond_pooled, time_ids,
+    uncond_time_ids), given to SDXL ControlNets in the rows' order (`added_rows`)."""
 
     def hook(x_scaled, t, context, n_cond):
         b = n_cond
         n = x_scaled.shape[0]
+        sdxl = added_rows(added, n_cond)
         scales = scale_at(t, levels, control["scales"])
         if record:
             jax.debug.callback(_record_callback, t[0], scales)
@@ -240,11 +248,12 @@ def residuals_hook(static: tuple, control: dict, levels: jax.Array, record: bool
             net = nnx.merge(graphdef, control["states"][j])
             image = jnp.broadcast_to(control["images"][j], (n,) + control["images"][j].shape[1:])
             if guess:  # cond rows only (our CFG batch is [cond, uncond]); uncond gets zeros
-                down, mid = net(x_scaled[:b], t[:b], context[:b], image[:b], scales[j], guess_mode=True)
+                down, mid = net(x_scaled[:b], t[:b], context[:b], image[:b], scales[j], guess_mode=True,
+                                **{k: v[:b] for k, v in sdxl.items()})
                 pad = lambda r: jnp.concatenate([r, jnp.zeros((n - b,) + r.shape[1:], r.dtype)], axis=0)  # noqa: E731
                 down, mid = [pad(r) for r in down], pad(mid)
             else:
-                down, mid = net(x_scaled, t, context, image, scales[j])
+                down, mid = net(x_scaled, t, context, image, scales[j], **sdxl)
             outputs.append((down, mid))
         down, mid = sum_residuals(outputs)
         return {"down_residuals": down, "mid_residual": mid}
@@ -286,12 +295,13 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             # The hook sees UNet timesteps: map the schedule the same way (sampling.make_denoiser).
             levels = model.sigma_to_t(sigmas, quantize=spec.timestep_mode == "nearest")
             levels = jnp.round(levels) if spec.timestep_mode == "round" else levels
-            residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control)
         conditioning = None
         if inputs.cond_table is not None:  # prompt scheduling / AND: per-step rows of a traced table
             conditioning = scheduled_conditioning(inputs, sigmas, start)
         added = None if inputs.pooled is None else (inputs.pooled, inputs.uncond_pooled, inputs.time_ids,
                                                     inputs.uncond_time_ids)
+        if spec.controlnets:
+            residuals = residuals_hook(spec.controlnets, inputs.control, levels, spec.record_control, added)
         denoise = guided_denoiser(model, unet, inputs.cond, inputs.uncond, inputs.cfg_scale, extra,
                                   residuals=residuals, timestep_mode=spec.timestep_mode,
                                   conditioning=conditioning, weights=inputs.cond_weights, added=added)

@@ -324,9 +324,13 @@ class Generator:
                                               tokenizer=nets.tokenizer, te_state=nets.te_state))
             unet_state, net_infotext = nets.unet_state, nets.infotext
         else:
-            unet_state, net_infotext = pipe.unet.state, {}
+            nets = networks.apply_networks(pipe, prompt_list, negative_list, lora_dir=r.lora_dir, loras=r.loras,
+                                           lora_strict=r.lora_strict, embeddings=r.embeddings,
+                                           embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
+                                           lora_cache=self.loras)
+            unet_state, net_infotext = nets.unet_state, nets.infotext
             refiner_static = self._sdxl_fields(fields, params_extra, r, prompt_list, negative_list, width, height,
-                                               b, sigmas)
+                                               b, sigmas, nets)
         unet_in = int(pipe.unet.config.in_channels)
         nine = unet_in == 2 * channels + 1
         job = None
@@ -361,7 +365,8 @@ class Generator:
             if job is not None and r.inpaint_full_res:
                 raise TaskError("ControlNet with only-masked inpainting (inpaint_full_res) is not supported")
             prepared = control.prepare(r.controlnets, width, height, steps, start, dtype=pipe.dtype,
-                                       kernels=getattr(pipe, "kernels", None), cache=self.controlnets)
+                                       kernels=getattr(pipe, "kernels", None), cache=self.controlnets,
+                                       unet_config=pipe.unet.config)
             fields["control"], control_static = prepared.inputs, prepared.static
             params_extra.update(prepared.infotext)
         static = tuple(sorted((k, v) for k, v in r.knobs.items() if k in STATIC_KNOBS))
@@ -399,20 +404,17 @@ class Generator:
         return GenerationResult(pil, latents, infotexts, seeds)
 
     def _sdxl_fields(self, fields: dict, params_extra: dict, r: Request, prompt_list, negative_list, width: int,
-                     height: int, b: int, sigmas: np.ndarray):
+                     height: int, b: int, sigmas: np.ndarray, nets: networks.AppliedNetworks):
         """SDXL's traced inputs (`sdjax.pipeline.sdxl`) into `fields`, the refiner's too; returns the
-        refiner UNet's graphdef (static) or None."""
+        refiner UNet's graphdef (static) or None. `nets`: the base's LoRA-merged / embedding-grown
+        text encoders and the prompts with embedding names expanded (the refiner gets neither)."""
         pipe = self.pipe
-        tags = any(prompts.extract_lora_tags(t).loras for t in list(prompt_list) + list(negative_list))
-        if r.loras or r.embeddings or r.embeddings_dir or r.controlnets or tags:
-            raise TaskError("LoRAs, textual-inversion embeddings and ControlNets are not supported for SDXL yet "
-                            "(SD 1.x / 2.x only); remove them (and <lora:...> prompt tags)")
         for text in list(prompt_list) + list(negative_list):
             if len(prompts.split_and(text)) > 1 or len(prompts.prompt_schedule(text, len(sigmas) - 1)) > 1:
                 raise TaskError(f"prompt editing ([a:b:when], [a|b]) and AND are not supported for SDXL yet "
                                 f"(SD 1.x / 2.x only); write the prompt without them: {text!r}")
         fields["cond"], fields["uncond"], fields["pooled"], fields["uncond_pooled"] = sdxl.encode_prompts(
-            pipe, prompt_list, negative_list, r.clip_skip)
+            pipe, nets.prompts, nets.negatives, r.clip_skip, nets=nets)
         fields["time_ids"] = sdxl.conditioning(pipe, r, width, height, b)
         fields["uncond_time_ids"] = sdxl.conditioning(pipe, r, width, height, b, negative=True)
         refiner = r.refiner

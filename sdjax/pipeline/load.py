@@ -150,7 +150,8 @@ def load_pipeline(
     A `.safetensors` / `.ckpt` single file (original LDM layout, as A1111 and ComfyUI
     use) is read by `sdjax.weights.single_file`; for it only, `prediction_type`
     ("epsilon" / "v_prediction") overrides detection and `config_dir` (a diffusers
-    folder) replaces the shipped SD1/SD2 configs. `model_dir` is then the file.
+    folder) replaces the shipped SD1/SD2/SDXL configs (SDXL base, inpainting or refiner single files
+    are told apart from their tensors). `model_dir` is then the file.
 
     path: folder with model_index.json, unet/, vae/, text_encoder/, tokenizer/,
     scheduler/ (safety_checker/ and feature_extractor/ are ignored); SDXL adds text_encoder_2/ and
@@ -213,10 +214,12 @@ def load_pipeline(
 
 
 def _load_single_file(path: Path, dtype, sharding, prediction_type, config_dir, kernels) -> Pipeline:
-    """A single-file SD1/SD2 checkpoint -> Pipeline; see `sdjax.weights.single_file`."""
+    """A single-file SD1/SD2/SDXL checkpoint -> Pipeline; see `sdjax.weights.single_file`."""
     loaded = load_single_file_models(path, dtype=dtype, sharding=sharding, prediction_type=prediction_type,
                                      config_dir=config_dir)
-    parts = {kind: cls(*loaded.pop(kind), path, kernels)
-             for kind, cls in (("text_encoder", TextEncoder), ("unet", UNet), ("vae", VAE))}
+    parts = {kind: cls(*loaded[kind], path, kernels) if loaded.get(kind) is not None else None
+             for kind, cls in (("text_encoder", TextEncoder), ("text_encoder_2", TextEncoder), ("unet", UNet),
+                               ("vae", VAE))}
     return Pipeline(model_dir=path, dtype=dtype, kernels=kernels, tokenizer=loaded["tokenizer"],
+                    tokenizer_2=loaded.get("tokenizer_2"), family=loaded["family"],
                     scheduler_config=loaded["scheduler_config"], model_index=loaded["model_index"], **parts)

@@ -15,6 +15,11 @@ the weights and tokenizer the call should use, without touching the pipeline's o
   (`sdjax.weights.embeddings`). The grown token table changes the text encoder's input
   shapes, so a call with embeddings compiles the text encoder once more.
 
+SDXL: LoRAs adapt the UNet and both text encoders (`lora_te1_` / `lora_te2_`, `text_encoder_2.`;
+UNet modules in diffusers or SGM names); an embedding needs a part for each encoder (`clip_l` for
+the first, `clip_g` for the second, as A1111's and diffusers' SDXL embeddings have), with the same
+number of vectors in both.
+
 Infotext, as A1111: `Lora hashes: "name: <12 hex>"` (for .safetensors the sd-scripts / AddNet
 hash: SHA-256 of the bytes after the JSON header, or the file's `sshs_model_hash` metadata;
 other files: SHA-256 of the whole file) and `TI hashes: "name: <12 hex>"` (SHA-256 of the
@@ -105,7 +110,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 @dataclasses.dataclass
 class AppliedNetworks:
     """What one call uses: `tokenizer`, `te_state`, `unet_state` (merged copies or the
-    pipeline's own), `prompts` / `negatives` (embedding names expanded), `infotext` params."""
+    pipeline's own), `prompts` / `negatives` (embedding names expanded), `infotext` params;
+    SDXL also `tokenizer_2`, `te2_state` (the refiner has only these: `tokenizer`, `te_state` None)."""
 
     tokenizer: Any
     te_state: Any
@@ -113,16 +119,34 @@ class AppliedNetworks:
     prompts: list[str]
     negatives: list[str]
     infotext: dict[str, Any]
+    tokenizer_2: Any = None
+    te2_state: Any = None
 
 
-def _read_embeddings(pipe, paths: Sequence[Path], required: bool, cache: dict) -> list[tuple[emb_lib.Embedding, Path]]:
-    width = int(pipe.text_encoder.config.hidden_size)
+# Text encoder -> (tokenizer attribute, SDXL embedding part).
+_ENCODERS = {"text_encoder": ("tokenizer", "clip_l"), "text_encoder_2": ("tokenizer_2", "clip_g")}
+
+
+def _encoders(pipe) -> list[str]:
+    return [name for name in _ENCODERS if getattr(pipe, name, None) is not None]
+
+
+def _read_embeddings(pipe, paths: Sequence[Path], required: bool, cache: dict
+                     ) -> list[tuple[dict[str, emb_lib.Embedding], Path]]:
+    """Each file as {text encoder: Embedding} (one per encoder of the pipeline)."""
+    sdxl = getattr(pipe, "family", "sd") != "sd"
     out = []
     for path in paths:
-        key = (str(path.resolve()), path.stat().st_mtime_ns)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, tuple(_encoders(pipe)))
         if key not in cache:
             try:
-                cache[key] = emb_lib.read_embedding(path, hidden_size=width)
+                per = {name: emb_lib.read_embedding(path, hidden_size=int(getattr(pipe, name).config.hidden_size),
+                                                    part=_ENCODERS[name][1] if sdxl else None)
+                       for name in _encoders(pipe)}
+                if len({e.num_vectors for e in per.values()}) > 1:
+                    raise CheckpointError(f"{path}: its parts have different numbers of vectors "
+                                          f"({', '.join(f'{k}: {e.num_vectors}' for k, e in per.items())})")
+                cache[key] = per
             except CheckpointError as e:
                 if required:
                     raise
@@ -150,7 +174,9 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
     lora_cache = {} if lora_cache is None else lora_cache
     prompts, negatives = list(prompts), list(negatives)
     infotext: dict[str, Any] = {}
-    tokenizer, te_state, unet_state = pipe.tokenizer, pipe.text_encoder.state, pipe.unet.state
+    toks = {name: getattr(pipe, _ENCODERS[name][0]) for name in _encoders(pipe)}
+    te_states = {name: getattr(pipe, name).state for name in _encoders(pipe)}
+    unet_state = pipe.unet.state
 
     # Embeddings first: they change the text encoder's token table, LoRAs its other weights.
     files = [Path(p) for p in (embeddings or [])]
@@ -167,16 +193,19 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
             + _read_embeddings(pipe, [p for p in found if p not in files], False, embedding_cache))
     if embs:
         unique = {}
-        for emb, path in embs:
-            unique.setdefault(emb.name, (emb, path))  # explicit files first: they win a name clash
-        tokenizer, te_state, names = emb_lib.add_embeddings(tokenizer, te_state, [e for e, _ in unique.values()])
+        for per, path in embs:
+            unique.setdefault(next(iter(per.values())).name, (per, path))  # explicit files first win a clash
+        for enc in toks:
+            toks[enc], te_states[enc], names = emb_lib.add_embeddings(toks[enc], te_states[enc],
+                                                                      [per[enc] for per, _ in unique.values()])
+        tokenizer = next(iter(toks.values()))  # every encoder got the same token names
         used = set()
         for text in prompts + negatives:
             present = set(tokenizer.tokenize(prompt_lib.extract_lora_tags(text).prompt))
             used |= {n for n in names if n in present}
         prompts = [emb_lib.expand_prompt(t, names, tokenizer) for t in prompts]
         negatives = [emb_lib.expand_prompt(t, names, tokenizer) for t in negatives]
-        ti = {name: file_hash(path) for name, (emb, path) in unique.items() if name in used}
+        ti = {name: file_hash(path) for name, (_, path) in unique.items() if name in used}
         if ti:
             infotext["TI hashes"] = ti
 
@@ -206,10 +235,12 @@ def apply_networks(pipe, prompts: Sequence[str], negatives: Sequence[str], *, lo
             lora, digest = cache[key]
             merge_input.append((lora, unet_m, te_m))
             hashes[name] = digest
-        merged, _ = lora_lib.merge({"unet": unet_state, "text_encoder": te_state}, merge_input, strict=lora_strict)
-        unet_state, te_state = merged["unet"], merged["text_encoder"]
+        merged, _ = lora_lib.merge({"unet": unet_state, **te_states}, merge_input, strict=lora_strict,
+                                   unet_config=dataclasses.asdict(pipe.unet.config))
+        unet_state, te_states = merged["unet"], {name: merged[name] for name in te_states}
         infotext["Lora hashes"] = hashes
-    return AppliedNetworks(tokenizer, te_state, unet_state, prompts, negatives, infotext)
+    return AppliedNetworks(toks.get("text_encoder"), te_states.get("text_encoder"), unet_state, prompts, negatives,
+                           infotext, toks.get("text_encoder_2"), te_states.get("text_encoder_2"))
 
 
 __all__ = ["AppliedNetworks", "apply_networks", "lora_hash", "file_hash", "parse_lora_arg"]

@@ -50,35 +50,39 @@ def penultimate_fn(graphdef) -> Callable:
     return jax.jit(encode)
 
 
-def _encoders(pipe) -> list[tuple]:
-    """(tokenizer, text encoder component) of each encoder, in context order."""
-    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
-    return [(tok, te) for tok, te in pairs if te is not None]
+def _encoders(pipe, nets=None) -> list[tuple]:
+    """(tokenizer, graphdef, state) of each encoder, in context order; `nets`
+    (`sdjax.pipeline.networks.AppliedNetworks`) replaces tokenizers and states (embeddings, LoRAs)."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder, nets and (nets.tokenizer, nets.te_state)),
+             (pipe.tokenizer_2, pipe.text_encoder_2, nets and (nets.tokenizer_2, nets.te2_state))]
+    return [(tok, te.graphdef, te.state) if given is None else (given[0], te.graphdef, given[1])
+            for tok, te, given in pairs if te is not None]
 
 
-def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip_skip: int = 1):
+def encode_prompts(pipe, prompts_: Sequence[str], negatives: Sequence[str], clip_skip: int = 1, nets=None):
     """SDXL prompt encoding for a batch: (cond, uncond) float32 (B, n * 77, context width) and
-    (pooled, uncond_pooled) float32 (B, P). See the module docstring."""
+    (pooled, uncond_pooled) float32 (B, P). See the module docstring. `nets`: tokenizers and
+    text-encoder states to use instead of the pipeline's (`sdjax.pipeline.networks.apply_networks`)."""
     if clip_skip != 1:
         raise TaskError(f"clip_skip={clip_skip}: SDXL always uses the penultimate layer of its text encoders "
                         "(clip skip is an SD 1.x / 2.x setting); leave it at 1")
     texts = list(dict.fromkeys([prompts.extract_lora_tags(t).prompt for t in list(prompts_) + list(negatives)]))
     per_encoder = []
-    for tok, te in _encoders(pipe):
+    for tok, graphdef, state in _encoders(pipe, nets):
         empty = prompts.tokenize_prompt(tok, "")
         tokens = {t: prompts.tokenize_prompt(tok, t) for t in texts}
-        per_encoder.append((tok, te, empty, tokens))
+        per_encoder.append((graphdef, state, empty, tokens))
     n = max(t.n_chunks for _, _, _, tokens in per_encoder for t in tokens.values())
     encoded: dict[str, tuple] = {}
     for text in texts:
         hidden, pooled = [], None
-        for _, te, empty, tokens in per_encoder:
+        for graphdef, state, empty, tokens in per_encoder:
             widest = prompts.PromptTokens(np.repeat(empty.ids, n, 0), np.repeat(empty.weights, n, 0))
             t, _ = prompts.pad_to_same_chunks(tokens[text], widest, empty)
-            fn, box = penultimate_fn(te.graphdef), {}
+            fn, box = penultimate_fn(graphdef), {}
 
-            def encode_fn(ids, clip_skip, fn=fn, te=te, box=box):
-                h, p = fn(te.state, ids)
+            def encode_fn(ids, clip_skip, fn=fn, state=state, box=box):
+                h, p = fn(state, ids)
                 box["pooled"] = p
                 return h
 

@@ -144,10 +144,13 @@ def merged_states(spec: LoRASpec, base: Mapping[str, nnx.State], params: Mapping
     return {c: apply(spec, c, base[c], params[c]) for c in spec.modules}
 
 
-def kohya_tensors(spec: LoRASpec, params: Mapping, dtype: str | None = None) -> dict[str, np.ndarray]:
+def kohya_tensors(spec: LoRASpec, params: Mapping, dtype: str | None = None,
+                  unet_names: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
     """Factors -> kohya tensors: `<prefix><module>.lora_down.weight` (r, in[, kh, kw]),
     `.lora_up.weight` (out, r[, 1, 1]) and `.alpha` (scalar), torch layout, in `dtype`
-    (default float32; "float16" / "bfloat16" as kohya's `--save_precision`)."""
+    (default float32; "float16" / "bfloat16" as kohya's `--save_precision`). unet_names: UNet
+    module names to write instead of the diffusers ones (SDXL: the SGM names sd-scripts writes,
+    `sdjax.weights.lora.sgm_names`)."""
     np_dtype = {None: np.float32, "float32": np.float32, "float16": np.float16,
                 "bfloat16": jnp.bfloat16}[dtype]
     out: dict[str, np.ndarray] = {}
@@ -158,7 +161,7 @@ def kohya_tensors(spec: LoRASpec, params: Mapping, dtype: str | None = None) -> 
             up = np.asarray(p["up"], np.float32).T
             if down.ndim == 4:
                 up = up[:, :, None, None]
-            key = KOHYA_PREFIX[component] + name
+            key = KOHYA_PREFIX[component] + ((unet_names or {}).get(name, name) if component == "unet" else name)
             out[f"{key}.lora_down.weight"] = np.ascontiguousarray(down).astype(np_dtype)
             out[f"{key}.lora_up.weight"] = np.ascontiguousarray(up).astype(np_dtype)
             out[f"{key}.alpha"] = np.asarray(spec.alpha, np.float32).astype(np_dtype)
@@ -166,7 +169,7 @@ def kohya_tensors(spec: LoRASpec, params: Mapping, dtype: str | None = None) -> 
 
 
 def save_kohya(path: str | Path, spec: LoRASpec, params: Mapping, *, dtype: str | None = None,
-               metadata: Mapping[str, str] | None = None) -> Path:
+               metadata: Mapping[str, str] | None = None, unet_names: Mapping[str, str] | None = None) -> Path:
     """Write a kohya-format LoRA `.safetensors` with `ss_network_*` metadata; returns the path."""
     from safetensors.numpy import save_file
 
@@ -177,7 +180,7 @@ def save_kohya(path: str | Path, spec: LoRASpec, params: Mapping, *, dtype: str 
             "ss_network_args": json.dumps({"targets": {c: sorted(m) for c, m in spec.modules.items()}}),
             "ss_training_comment": "trained with sdjax", **(metadata or {})}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(kohya_tensors(spec, params, dtype), str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    save_file(kohya_tensors(spec, params, dtype, unet_names), str(tmp), metadata={k: str(v) for k, v in meta.items()})
     tmp.replace(path)  # atomic: a crash never leaves a half-written LoRA under the final name
     return path
 

@@ -57,8 +57,11 @@ def make_train_step(
 ) -> Callable:
     """Build `train_step(state, frozen, batch, key) -> (state, metrics)`.
 
-    unet_apply(unet_state, latents_nhwc, timesteps (B,), context) -> prediction NHWC;
+    unet_apply(unet_state, latents_nhwc, timesteps (B,), context, **added) -> prediction NHWC;
     text_apply(te_state, input_ids (B, 77)) -> context (B, 77, D);
+    SDXL (frozen has "text_encoder_2"): text_apply((te_state, te2_state), input_ids (B, 2, 77)) ->
+    (context (B, 77, D1 + D2), pooled (B, P)), and the UNet also gets `text_embeds=pooled` and
+    `time_ids=batch["time_ids"]` (B, 6) (original size, crop top-left, target size of each example);
     vae_encode(vae_state, images_nhwc in [-1, 1]) -> (mean, logvar).
     batch: {"images": (A, B, H, W, 3) float32, "input_ids": (A, B, 77) int32} with A = grad_accum
     micro-batches, scanned; gradients are averaged over them. `key` is the step's key
@@ -69,7 +72,7 @@ def make_train_step(
     """
     num_t = alphas_cumprod.shape[0]
 
-    def micro_loss(trainable, frozen, images, input_ids, key):
+    def micro_loss(trainable, frozen, images, input_ids, time_ids, key):
         k_lat, k_t, k_noise = jax.random.split(key, 3)
         if merge_params is not None:
             trainable = merge_params(trainable, frozen)
@@ -77,12 +80,17 @@ def make_train_step(
         latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
         latents = jax.lax.stop_gradient(latents.astype(jnp.float32) * scaling_factor)
         te_state = trainable["text_encoder"] if "text_encoder" in trainable else frozen["text_encoder"]
-        context = text_apply(te_state, input_ids)
+        added = {}
+        if "text_encoder_2" in frozen:  # SDXL: both (frozen) encoders, pooled embedding, time ids
+            context, pooled = text_apply((te_state, frozen["text_encoder_2"]), input_ids)
+            added = {"text_embeds": pooled, "time_ids": time_ids}
+        else:
+            context = text_apply(te_state, input_ids)
         b = latents.shape[0]
         timesteps = jax.random.randint(k_t, (b,), 0, num_t)
         noise = L.sample_noise(k_noise, latents.shape, cfg.offset_noise)
         noisy = L.add_noise(latents, noise, timesteps, alphas_cumprod)
-        pred = unet_apply(trainable["unet"], noisy, timesteps, context)
+        pred = unet_apply(trainable["unet"], noisy, timesteps, context, **added)
         tgt = L.target(latents, noise, timesteps, alphas_cumprod, prediction_type)
         weights = (L.min_snr_weight(timesteps, alphas_cumprod, cfg.min_snr_gamma, prediction_type)
                    if cfg.min_snr_gamma else None)
@@ -96,14 +104,15 @@ def make_train_step(
 
         def accumulate(carry, xs):
             loss_sum, grad_sum = carry
-            images, ids, k = xs
-            value, grads = grad_fn(params, frozen, images, ids, k)
+            images, ids, time_ids, k = xs
+            value, grads = grad_fn(params, frozen, images, ids, time_ids, k)
             grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
             return (loss_sum + value, grad_sum), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         (loss_sum, grad_sum), _ = jax.lax.scan(
-            accumulate, (jnp.zeros((), jnp.float32), zeros), (batch["images"], batch["input_ids"], keys))
+            accumulate, (jnp.zeros((), jnp.float32), zeros),
+            (batch["images"], batch["input_ids"], batch.get("time_ids"), keys))
         n = batch["images"].shape[0]
         grads = jax.tree.map(lambda g: g / n, grad_sum)
         # optax is not strict-promotion clean (Adam's bias correction takes decay ** an int32

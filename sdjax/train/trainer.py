@@ -1,5 +1,9 @@
 """Fine-tuning, top to bottom: models, data, mesh, state, loop, checkpoints, logs, export.
 
+SDXL (base) trains its UNet with both text encoders frozen: the context is their penultimate
+hidden states, the pooled embedding bigG's projection, and the time ids each example's original
+size, crop top-left (from the dataset's resize and crop) and the training resolution.
+
 `train(cfg)` resumes from the newest checkpoint in `cfg.output_dir/checkpoints`
 when there is one, and then continues exactly as if never stopped: the data order,
 caption dropout and noise are all functions of (seed, step), and the optimizer
@@ -11,6 +15,7 @@ is the last good one; non-finite weights are never exported.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -36,6 +41,7 @@ from sdjax.train.config import TrainConfig
 from sdjax.train.logs import MetricsLog, plot_loss
 from sdjax.weights.diffusers import abstract_model
 from sdjax.weights.export import save_pipeline
+from sdjax.weights.lora import sgm_names
 
 
 class Trainer:
@@ -47,9 +53,9 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.pipe = load_pipeline(cfg.model, dtype="float32", attention=cfg.attention)
-        if self.pipe.family != "sd":
-            raise ConfigError(f"{cfg.model} is an {self.pipe.family} model; training SDXL is not supported yet "
-                              "(SD 1.x / 2.x only)")
+        self.sdxl = self.pipe.family != "sd"
+        if self.sdxl:
+            _check_sdxl(cfg, self.pipe)
         self.dataset = dataset if dataset is not None else open_dataset(cfg.data, resolution=cfg.resolution)
         # One optimizer step consumes grad_accum loader batches of batch_size examples.
         self.loader = CaptionLoader(self.dataset, cfg.batch_size * cfg.grad_accum, seed=cfg.seed,
@@ -62,11 +68,21 @@ class Trainer:
         unet_graph = self._graphdef(self.pipe.unet, compute)
         te_graph = self._graphdef(self.pipe.text_encoder, compute)
 
-        def unet_apply(state, x, t, ctx):
-            return nnx.merge(unet_graph, state)(x, t, ctx)
+        def unet_apply(state, x, t, ctx, **added):
+            return nnx.merge(unet_graph, state)(x, t, ctx, **added)
 
         def text_apply(state, ids):
             return nnx.merge(te_graph, state)(ids).last_hidden_state
+
+        if self.sdxl:
+            te2_graph = self._graphdef(self.pipe.text_encoder_2, compute)
+
+            def text_apply(states, ids):
+                # SDXL: penultimate hidden states of both encoders, bigG's projected pooled output.
+                out1 = nnx.merge(te_graph, states[0])(ids[:, 0], output_hidden_states=True)
+                out2 = nnx.merge(te2_graph, states[1])(ids[:, 1], output_hidden_states=True)
+                context = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+                return jax.lax.stop_gradient(context), jax.lax.stop_gradient(out2.text_embeds)
 
         if cfg.gradient_checkpointing:
             # Recompute the UNet's activations in the backward pass instead of storing them,
@@ -107,6 +123,8 @@ class Trainer:
             params["text_encoder"] = put(self.pipe.text_encoder.state)
         else:
             frozen["text_encoder"] = put(self.pipe.text_encoder.state)
+        if self.sdxl:
+            frozen["text_encoder_2"] = put(self.pipe.text_encoder_2.state)
         self.frozen = frozen
         # Every leaf placed explicitly (optimizer counters included), so a restored state
         # lands on the same devices as a fresh one.
@@ -141,11 +159,18 @@ class Trainer:
         """The (grad_accum, batch_size, ...) batch of optimizer step `step`, sharded over data."""
         cfg = self.cfg
         b = self.loader.batch(step)
-        ids = self.pipe.tokenizer(b["captions"], padding="max_length", truncation=True,
-                                  max_length=self.pipe.tokenizer.model_max_length, return_tensors="np").input_ids
+        tokenizers = [self.pipe.tokenizer] + ([self.pipe.tokenizer_2] if self.sdxl else [])
+        ids = np.stack([tok(b["captions"], padding="max_length", truncation=True, max_length=tok.model_max_length,
+                            return_tensors="np").input_ids for tok in tokenizers], axis=1)  # (B, encoders, 77)
+        ids = ids if self.sdxl else ids[:, 0]
         shape = (cfg.grad_accum, cfg.batch_size)
         batch = {"images": b["images"].reshape(*shape, *b["images"].shape[1:]),
-                 "input_ids": ids.astype(np.int32).reshape(*shape, -1)}
+                 "input_ids": ids.astype(np.int32).reshape(*shape, *ids.shape[1:])}
+        if self.sdxl:  # original (h, w), crop (top, left), target (h, w): diffusers' SDXL training
+            h, w = b["images"].shape[1:3]
+            target = np.broadcast_to(np.asarray([h, w], np.int64), (len(b["crops"]), 2))
+            time_ids = np.concatenate([b["crops"], target], axis=1).astype(np.float32)
+            batch["time_ids"] = time_ids.reshape(*shape, 6)
         return jax.device_put(batch, self.batch_sharding)
 
     def save(self) -> None:
@@ -224,9 +249,13 @@ class Trainer:
         cfg = self.cfg
         meta = {"ss_steps": self.step, "ss_learning_rate": cfg.learning_rate, "ss_resolution": cfg.resolution,
                 "ss_seed": cfg.seed, "ss_num_train_images": len(self.dataset),
-                "ss_base_model_version": {768: "sd_v1", 1024: "sd_v2"}.get(
+                "ss_base_model_version": {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(
                     self.pipe.unet.config.cross_attention_dim[0], "sdjax_custom")}
-        return lora_lib.save_kohya(path, self.lora, jax.device_get(params), dtype=dtype, metadata=meta)
+        # SDXL LoRAs are written as sd-scripts writes them: UNet modules under their SGM names.
+        unet_names = sgm_names(self.lora.modules.get("unet", ()), dataclasses.asdict(self.pipe.unet.config)) \
+            if self.sdxl else None
+        return lora_lib.save_kohya(path, self.lora, jax.device_get(params), dtype=dtype, metadata=meta,
+                                   unet_names=unet_names)
 
     def write_samples(self) -> None:
         """Images for cfg.sample_prompts with the current weights, under `samples/<step>/`."""
@@ -240,6 +269,16 @@ class Trainer:
             result = pipe.generate(prompt, steps=self.cfg.sample_steps, seed=self.cfg.seed + i,
                                    width=self.cfg.resolution, height=self.cfg.resolution)
             save_png(result.images[0], folder / f"{i:03d}.png", result.infotexts[0])
+
+
+def _check_sdxl(cfg: TrainConfig, pipe) -> None:
+    """What SDXL training supports: the base model's UNet (full or LoRA), text encoders frozen."""
+    if pipe.family != "sdxl":
+        raise ConfigError(f"{cfg.model}: training supports the SDXL base model, not the {pipe.family} "
+                          "(its aesthetic-score time ids)")
+    if cfg.train_text_encoder or (cfg.lora_rank and any(t.startswith("text_encoder") for t in cfg.lora_targets)):
+        raise ConfigError("SDXL training keeps both text encoders frozen: set train_text_encoder false and use "
+                          "UNet lora_targets only")
 
 
 def check_finite(states) -> None:

@@ -3,7 +3,8 @@
 Formats read by `read_embedding`:
 - A1111 `.pt` (restricted unpickler, no code runs): `{"string_to_param": {"*": (n, D)}, "name": ...}`;
 - `.safetensors` with `emb_params` (n, D) (A1111/kohya), or SDXL-style `clip_l` / `clip_g`
-  (the one whose width fits the text encoder is used: `clip_l` for SD1);
+  (`part` picks one, as SDXL's two encoders do; else the one whose width fits the text encoder
+  is used: `clip_l` for SD1);
 - diffusers `.bin` / `.safetensors`: `{token: (D,) or (n, D)}` (a single entry).
 
 The prompt name of an embedding is the file stem (as in A1111) unless given.
@@ -56,11 +57,18 @@ def _as_vectors(arr: Any, source: str) -> np.ndarray:
 
 
 def parse_embedding(obj: Mapping[str, Any], name: str, *, hidden_size: int | None = None,
-                    source: str = "embedding") -> Embedding:
+                    source: str = "embedding", part: str | None = None) -> Embedding:
     """A loaded embedding file's contents (dict) -> Embedding. Pure.
 
     hidden_size: the text encoder's width; picks `clip_l` vs `clip_g` and checks the vectors.
+    part: "clip_l" or "clip_g" to take that part of an SDXL-style file (SDXL's first or second
+    encoder); an SDXL-style file without it raises CheckpointError.
     """
+    if part is not None and ("clip_l" in obj or "clip_g" in obj):
+        if part not in obj:
+            raise CheckpointError(f"{source}: SDXL-style embedding without {part!r} (it has "
+                                  f"{', '.join(k for k in ('clip_l', 'clip_g') if k in obj)})")
+        obj = {part: obj[part]}
     if "string_to_param" in obj:  # A1111
         params = obj["string_to_param"]
         if not isinstance(params, Mapping) or not params:
@@ -87,9 +95,10 @@ def parse_embedding(obj: Mapping[str, Any], name: str, *, hidden_size: int | Non
     return Embedding(name, vectors)
 
 
-def read_embedding(path: str | os.PathLike, name: str | None = None, *, hidden_size: int | None = None
-                   ) -> Embedding:
-    """An embedding file (.pt, .bin, .safetensors) -> Embedding named `name` (default: file stem)."""
+def read_embedding(path: str | os.PathLike, name: str | None = None, *, hidden_size: int | None = None,
+                   part: str | None = None) -> Embedding:
+    """An embedding file (.pt, .bin, .safetensors) -> Embedding named `name` (default: file stem);
+    `hidden_size`, `part` as `parse_embedding`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"embedding file {path} does not exist")
@@ -104,7 +113,7 @@ def read_embedding(path: str | os.PathLike, name: str | None = None, *, hidden_s
                               "embeddings inside PNG images are not supported)")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
-    return parse_embedding(obj, name or path.stem, hidden_size=hidden_size, source=str(path))
+    return parse_embedding(obj, name or path.stem, hidden_size=hidden_size, source=str(path), part=part)
 
 
 def _embedding_path(state: nnx.State) -> tuple:

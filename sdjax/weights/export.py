@@ -25,6 +25,7 @@ WEIGHT_FILES = {
     "vae": "diffusion_pytorch_model",
     "controlnet": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
 
 MODEL_INDEX_CLASSES = {
@@ -32,12 +33,16 @@ MODEL_INDEX_CLASSES = {
     "vae": ["diffusers", "AutoencoderKL"],
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
 }
 
 
 def text_encoder_v4_names(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """sdjax CLIP names -> transformers v4 names (the layout of real checkpoints)."""
-    return {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in flat.items()}
+    """sdjax CLIP names -> transformers v4 names (the layout of real checkpoints); a
+    CLIPTextModelWithProjection's `text_projection` stays outside `text_model.`."""
+    return {(k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k): v
+            for k, v in flat.items()}
 
 
 def save_component(out_dir: str | Path, name: str, flat: Mapping[str, np.ndarray], config: dict,
@@ -49,7 +54,7 @@ def save_component(out_dir: str | Path, name: str, flat: Mapping[str, np.ndarray
     """
     folder = Path(out_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
-    if name == "text_encoder":
+    if name in ("text_encoder", "text_encoder_2"):
         flat = text_encoder_v4_names(flat)
     tensors = {}
     for k, v in flat.items():
@@ -86,15 +91,37 @@ def save_model_index(out_dir: str | Path, components: list[str], *,
     _write_json(Path(out_dir) / "model_index.json", index)
 
 
+def save_sdxl_model_index(out_dir: str | Path, *, refiner: bool = False, inpainting: bool = False,
+                          scheduler_class: str = "EulerDiscreteScheduler", template: Mapping | None = None) -> None:
+    """Write an SDXL model_index.json: the base (both encoders), inpainting or the refiner (text_encoder_2
+    only, aesthetic-score time ids). `force_zeros_for_empty_prompt` / `requires_aesthetics_score` come
+    from `template` (another SDXL model_index dict) when it has them, else diffusers' defaults."""
+    template = template or {}
+    components = ["unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler"]
+    cls = "StableDiffusionXLImg2ImgPipeline" if refiner else \
+        "StableDiffusionXLInpaintPipeline" if inpainting else "StableDiffusionXLPipeline"
+    flags = {"force_zeros_for_empty_prompt": template.get("force_zeros_for_empty_prompt", not refiner),
+             "add_watermarker": None}
+    if refiner:
+        flags.update(text_encoder=[None, None], tokenizer=[None, None],
+                     requires_aesthetics_score=template.get("requires_aesthetics_score", True))
+    else:
+        components += ["text_encoder", "tokenizer"]
+    index = {"_class_name": cls, "_diffusers_version": "0.30.0", **flags}
+    for c in sorted(components):
+        index[c] = ["diffusers", scheduler_class] if c == "scheduler" else MODEL_INDEX_CLASSES[c]
+    _write_json(Path(out_dir) / "model_index.json", index)
+
+
 def save_scheduler(out_dir: str | Path, scheduler_config: dict) -> None:
     folder = Path(out_dir) / "scheduler"
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "scheduler_config.json", scheduler_config)
 
 
-def copy_tokenizer(src_dir: str | Path, out_dir: str | Path) -> None:
-    """Copy a CLIPTokenizer folder (vocab.json, merges.txt, its JSON files) into `<out_dir>/tokenizer`."""
-    dst = Path(out_dir) / "tokenizer"
+def copy_tokenizer(src_dir: str | Path, out_dir: str | Path, name: str = "tokenizer") -> None:
+    """Copy a CLIPTokenizer folder (vocab.json, merges.txt, its JSON files) into `<out_dir>/<name>`."""
+    dst = Path(out_dir) / name
     dst.mkdir(parents=True, exist_ok=True)
     for f in Path(src_dir).iterdir():
         if f.is_file():
@@ -113,7 +140,8 @@ def save_pipeline(pipe, out_dir: str | Path, *, dtype: str | None = None, unet_s
 
     Configs, tokenizer and scheduler config are copied from the folder the pipeline was
     loaded from (`pipe.model_dir`). dtype: cast floating weights ("float16" for a small
-    release), or None to keep the stored dtype.
+    release), or None to keep the stored dtype. An SDXL pipeline also writes text_encoder_2 and
+    tokenizer_2, and keeps its model_index.json (the refiner has no text_encoder / tokenizer).
     """
     from flax import nnx
 
@@ -122,15 +150,22 @@ def save_pipeline(pipe, out_dir: str | Path, *, dtype: str | None = None, unet_s
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(pipe.model_dir)
     states = {"unet": unet_state, "text_encoder": text_encoder_state, "vae": vae_state}
-    for name in ("unet", "text_encoder", "vae"):
-        component = getattr(pipe, name)
-        state = states[name] if states[name] is not None else component.state
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        component = getattr(pipe, name, None)
+        if component is None:
+            continue  # SD has no text_encoder_2, the SDXL refiner no text_encoder
+        state = states.get(name) if states.get(name) is not None else component.state
         flat = export_state(nnx.merge(component.graphdef, state))
         config = json.loads((src / name / "config.json").read_text())
         save_component(out_dir, name, flat, config, dtype=dtype)
-    copy_tokenizer(src / "tokenizer", out_dir)
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            copy_tokenizer(src / name, out_dir, name)
     save_scheduler(out_dir, dict(pipe.scheduler_config))
     index = json.loads((src / "model_index.json").read_text())
+    if getattr(pipe, "family", "sd") != "sd":
+        _write_json(out_dir / "model_index.json", index)
+        return out_dir
     save_model_index(out_dir, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
                      scheduler_class=index.get("scheduler", [None, "EulerDiscreteScheduler"])[1])
     return out_dir

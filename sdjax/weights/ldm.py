@@ -68,6 +68,8 @@ def unet_table(config: Mapping[str, Any]) -> Table:
         ("mid_block.attentions.0", "middle_block.1", _SAME),
         ("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text + time ids (SGM `label_emb`)
+        rows += [("add_embedding.linear_1", "label_emb.0.0", _SAME), ("add_embedding.linear_2", "label_emb.0.2", _SAME)]
     k = 1
     for i, kind in enumerate(down):
         for j in range(lpb[i]):
@@ -299,11 +301,11 @@ def split_components(state: Mapping[str, Any], *, prefer_ema: bool = True) -> di
     With `prefer_ema`, UNet weights come from `model_ema.*` when the file has an EMA
     copy of every UNet tensor (LitEma stores `model.diffusion_model.a.b` as
     `model_ema.diffusion_modelab`), as A1111's option and diffusers' `extract_ema` do.
-    Raises CheckpointError for SDXL files or files without the three models.
+    Raises CheckpointError for SDXL files (`sdjax.weights.sgm` reads those) or files without the three models.
     """
     if any(k.startswith(SDXL_MARKER) for k in state):
-        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.*); "
-                              "SDXL is not supported yet")
+        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.*): "
+                              "read it with sdjax.weights.sgm.split_components")
     unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
     vae = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
     clip = {k[len(CLIP_PREFIX):]: v for k, v in state.items() if k.startswith(CLIP_PREFIX)}
@@ -344,11 +346,11 @@ def detect_family(state: Mapping[str, Any]) -> dict[str, Any]:
     Returns {"text_encoder": "clip" | "openclip", "in_channels": int, "inpainting": bool,
     "context_dim": int}. SD2 is the OpenCLIP text encoder (context 1024); 9 UNet input
     channels (latents + mask + masked-image latents) is an inpainting model.
-    Raises CheckpointError for SDXL and for files that are not SD1/SD2.
+    Raises CheckpointError for SDXL (`sdjax.weights.sgm.detect_family`) and for files that are not SD1/SD2.
     """
     if any(k.startswith(SDXL_MARKER) for k in state):
-        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.*); "
-                              "SDXL is not supported yet")
+        raise CheckpointError("this is an SDXL checkpoint (it has conditioner.embedders.*): "
+                              "use sdjax.weights.sgm.detect_family")
     conv_in = state.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise CheckpointError("not a Stable Diffusion 1.x/2.x single-file checkpoint: no "

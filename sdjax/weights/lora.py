@@ -6,11 +6,15 @@ the rank, so PEFT files without alphas have scale = multiplier). Merging happens
 once, into the weights pytree, so sampling pays nothing per step.
 
 Formats read by `parse_lora`:
-- kohya / A1111: `lora_unet_<module>` and `lora_te_<module>` (also `lora_te1_`),
-  module names with `_` for `.`, tensors `.lora_down.weight`, `.lora_up.weight`,
-  `.alpha`; conv LoRAs (LoCon): down a (r, in, kh, kw) conv, up a (out, r, 1, 1) conv;
+- kohya / A1111: `lora_unet_<module>` and `lora_te_<module>` (also `lora_te1_`; SDXL's second
+  encoder `lora_te2_`), module names with `_` for `.`, tensors `.lora_down.weight`, `.lora_up.weight`,
+  `.alpha`; conv LoRAs (LoCon): down a (r, in, kh, kw) conv, up a (out, r, 1, 1) conv. UNet module
+  names in diffusers layout (`down_blocks_1_attentions_0_...`) or, as sd-scripts writes SDXL LoRAs,
+  in the original SGM layout (`input_blocks_4_1_transformer_blocks_0_attn1_to_q`,
+  `input_blocks_1_0_in_layers_2`, `label_emb_0_0`): `merge` resolves those through
+  `sdjax.weights.ldm.unet_table` given the UNet's config;
 - PEFT / diffusers: `unet.<module>.lora_A.weight` / `.lora_B.weight`,
-  `text_encoder.<module>...` (with or without `text_model.`);
+  `text_encoder.<module>...` / `text_encoder_2.<module>...` (with or without `text_model.`);
 - older diffusers: `.lora.down.weight` / `.lora.up.weight`,
   `.lora_linear_layer.down/up.weight`, and attention processors
   `<attn>.processor.to_q_lora.down.weight` (`to_out_lora` is `to_out.0`).
@@ -35,10 +39,11 @@ import numpy as np
 from flax import nnx
 
 from sdjax.errors import CheckpointError
+from sdjax.weights import ldm
 from sdjax.weights.files import read_weight_file
 from sdjax.weights.mapping import to_jax_layout
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,9 @@ def _split_key(key: str) -> tuple[str, str, str]:
                 raise CheckpointError(f"LoRA tensor {key!r}: {what} is not supported (plain LoRA/LoCon only)")
         raise CheckpointError(f"LoRA tensor {key!r}: not a LoRA down/up/alpha tensor")
     module = _OLD_PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)), module)
-    if module.startswith("lora_te2_") or module.startswith("text_encoder_2."):
-        raise CheckpointError(f"LoRA tensor {key!r} adapts SDXL's second text encoder; SDXL is not supported yet")
     for prefix, component in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te_", "text_encoder"),
-                              ("unet.", "unet"), ("text_encoder.", "text_encoder")):
+                              ("lora_te2_", "text_encoder_2"), ("unet.", "unet"), ("text_encoder.", "text_encoder"),
+                              ("text_encoder_2.", "text_encoder_2")):
         if module.startswith(prefix):
             return component, module[len(prefix):].replace(".", "_"), role
     if module.startswith(("down_blocks.", "mid_block.", "up_blocks.")):
@@ -153,10 +157,13 @@ def read_lora(path: str | os.PathLike, name: str | None = None, strict: bool = T
     return parse_lora(read_weight_file(path), name or path.stem, strict)
 
 
-def module_index(state: nnx.State, component: str) -> dict[str, tuple]:
+def module_index(state: nnx.State, component: str, unet_config: Mapping[str, Any] | None = None
+                 ) -> dict[str, tuple]:
     """`_`-form module names -> state path of the module's `kernel` (Linear and Conv modules).
 
-    Text-encoder modules are also reachable with the transformers v4 `text_model_` prefix.
+    Text-encoder modules are also reachable with the transformers v4 `text_model_` prefix; with
+    `unet_config` (a diffusers UNet config dict), UNet modules also by their SGM / LDM names
+    (`input_blocks_4_1_...`, `middle_block_1_...`, `label_emb_0_0`), as kohya's SDXL LoRAs name them.
     """
     index: dict[str, tuple] = {}
     for path, _ in nnx.to_flat_state(state):
@@ -164,9 +171,34 @@ def module_index(state: nnx.State, component: str) -> dict[str, tuple]:
             continue
         key = "_".join(str(p) for p in path[:-1])
         index[key] = path
-        if component == "text_encoder":
+        if component.startswith("text_encoder"):
             index["text_model_" + key] = path
+    if component == "unet" and unet_config is not None:
+        for d_key, s_key in sgm_names(index, unet_config).items():
+            index.setdefault(s_key, index[d_key])
     return index
+
+
+def sgm_names(keys: Iterable[str], unet_config: Mapping[str, Any]) -> dict[str, str]:
+    """`_`-form diffusers UNet module names -> their `_`-form SGM / LDM names (kohya's SDXL
+    spelling: `down_blocks_1_attentions_0_proj_in` -> `input_blocks_4_1_proj_in` for SDXL);
+    {} for a UNet the LDM tables do not describe."""
+    keys = list(keys)
+    try:
+        table = ldm.unet_table(unet_config)
+    except (KeyError, TypeError, ValueError):
+        return {}
+    prefixes = sorted(((d.replace(".", "_"), l.replace(".", "_"), {k.replace(".", "_"): v.replace(".", "_")
+                                                                   for k, v in inner.items()})
+                       for d, l, inner in table), key=lambda row: -len(row[0]))
+    out = {}
+    for key in keys:
+        for d, l, inner in prefixes:
+            if key == d or key.startswith(d + "_"):
+                rest = key[len(d) + 1:]
+                out[key] = "_".join(p for p in (l, inner.get(rest, rest)) if p)
+                break
+    return out
 
 
 def _fit(delta: np.ndarray, kernel_shape: tuple[int, ...], key: str) -> np.ndarray:
@@ -183,11 +215,14 @@ def _fit(delta: np.ndarray, kernel_shape: tuple[int, ...], key: str) -> np.ndarr
 
 
 def merge(states: Mapping[str, nnx.State], loras: Iterable[tuple[LoRA, float, float]], *,
-          strict: bool = True) -> tuple[dict[str, nnx.State], dict[str, dict[tuple, jax.Array]]]:
+          strict: bool = True, unet_config: Mapping[str, Any] | None = None
+          ) -> tuple[dict[str, nnx.State], dict[str, dict[tuple, jax.Array]]]:
     """Add LoRAs to weight pytrees. Returns (new_states, undo).
 
-    states: {"unet": State, "text_encoder": State} (either may be absent; others pass
-    through). loras: (LoRA, unet_multiplier, text_encoder_multiplier) per LoRA. Each
+    states: {"unet": State, "text_encoder": State, "text_encoder_2": State} (any may be absent;
+    others pass through). loras: (LoRA, unet_multiplier, text_encoder_multiplier) per LoRA (the
+    text-encoder multiplier applies to both SDXL encoders). unet_config: the UNet's diffusers config
+    dict, so that UNet modules named in the SGM layout resolve (`module_index`). Each
     touched kernel becomes `(W + sum_i m_i * alpha_i / r_i * up_i @ down_i)` computed in
     float32 and cast back to W's dtype (and placed with W's sharding). `undo` keeps
     the original arrays of the touched leaves, so `unmerge` is bit-exact.
@@ -208,7 +243,7 @@ def merge(states: Mapping[str, nnx.State], loras: Iterable[tuple[LoRA, float, fl
             unmatched += [f"{name}: {component} module {m.key} (no {component} state given)" for m, _, name in wanted]
             continue
         flat = dict(nnx.to_flat_state(states[component]))
-        index = module_index(states[component], component)
+        index = module_index(states[component], component, unet_config)
         deltas: dict[tuple, np.ndarray] = {}
         for module, mult, name in wanted:
             path = index.get(module.key)
@@ -280,4 +315,5 @@ def load_loras(requests: Iterable[tuple[str, float] | tuple[str, float, float]],
     return out
 
 
-__all__ = ["LoRA", "LoRAModule", "parse_lora", "read_lora", "module_index", "merge", "unmerge", "load_loras"]
+__all__ = ["LoRA", "LoRAModule", "parse_lora", "read_lora", "module_index", "sgm_names", "merge", "unmerge",
+           "load_loras"]

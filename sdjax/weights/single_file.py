@@ -1,10 +1,12 @@
-"""Single-file Stable Diffusion 1.x/2.x checkpoints (`.safetensors`, `.ckpt`) <-> diffusers components.
+"""Single-file Stable Diffusion 1.x/2.x and SDXL checkpoints (`.safetensors`, `.ckpt`) <-> diffusers components.
 
     ckpt = read_single_file("v1-5-pruned-emaonly.safetensors")
     ckpt.family            "sd1" | "sd1-inpainting" | "sd2" (512, eps) | "sd2-v" (768, v) | "sd2-inpainting"
+                           | "sdxl" | "sdxl-inpainting" | "sdxl-refiner" (SGM layout, `sdjax.weights.sgm`)
     ckpt.prediction_type   "epsilon" | "v_prediction"
     ckpt.weights["unet"]   flat diffusers names -> arrays (torch layouts; file dtype kept)
-    ckpt.configs["unet"]   diffusers config dicts (also "vae", "text_encoder", "scheduler", "model_index")
+    ckpt.configs["unet"]   diffusers config dicts (also "vae", "text_encoder", "scheduler", "model_index";
+                           SDXL adds "text_encoder_2", the refiner has no "text_encoder")
 
 Configs come from the reference configs shipped in `sdjax/weights/configs/` (a
 user's machine has no diffusers folder), or from `config_dir`, a diffusers-layout
@@ -14,6 +16,7 @@ The prediction type comes from, in order: the `prediction_type` argument; a
 sidecar `<file>.yaml` (A1111: `parameterization: "v"`); the safetensors metadata
 key `modelspec.prediction_type`; for SD2 (non-inpainting) diffusers' rule
 (`global_step == 875000` is SD 2.0-base, epsilon; otherwise v); else epsilon.
+SDXL base vs refiner comes from the tensors (which text encoders the file holds).
 
 `.ckpt` files are read by the restricted unpickler (nothing in the file runs);
 their `state_dict` nesting is unwrapped. EMA weights (`model_ema.*`) are used when
@@ -33,18 +36,18 @@ import ml_dtypes
 import numpy as np
 
 from sdjax.errors import CheckpointError, ConfigError
-from sdjax.models.clip import CLIPTextConfig, CLIPTextModel
+from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
-from sdjax.weights import export, ldm, names
-from sdjax.weights.diffusers import abstract_model
+from sdjax.weights import export, ldm, names, sgm
+from sdjax.weights.diffusers import abstract_model, model_family, read_model_index
 from sdjax.weights.files import read_component_weights, read_safetensors, read_safetensors_header
 from sdjax.weights.mapping import load_state
 from sdjax.weights.pickle_safe import load_torch_file
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-FAMILIES = ("sd1", "sd1-inpainting", "sd2", "sd2-v", "sd2-inpainting")
+FAMILIES = ("sd1", "sd1-inpainting", "sd2", "sd2-v", "sd2-inpainting", *sgm.FAMILIES)
 # family -> (template folder, overrides per component)
 _TEMPLATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "sd1": ("sd15", {}),
@@ -52,7 +55,12 @@ _TEMPLATES: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "sd2": ("sd21", {"unet": {"sample_size": 64}, "vae": {"sample_size": 512}}),
     "sd2-v": ("sd21", {}),
     "sd2-inpainting": ("sd2-inpainting", {}),
+    "sdxl": ("sdxl-base", {}),
+    "sdxl-inpainting": ("sdxl-base", {"unet": {"in_channels": 9}}),
+    "sdxl-refiner": ("sdxl-refiner", {}),
 }
+# Text encoders (and their tokenizers) of each kind of pipeline.
+_ENCODERS = {"sd": ("text_encoder",), "sdxl": ("text_encoder", "text_encoder_2"), "sdxl-refiner": ("text_encoder_2",)}
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -67,6 +75,17 @@ class SingleFileCheckpoint:
     configs: dict[str, dict[str, Any]]
     tokenizer_dir: Path | None = None          # a diffusers `tokenizer/` folder, if config_dir had one
     used_ema: bool = False
+    tokenizer_2_dir: Path | None = None        # SDXL: config_dir's `tokenizer_2/`, if it had one
+
+    @property
+    def pipeline_family(self) -> str:
+        """"sd", "sdxl" or "sdxl-refiner": the `Pipeline.family` (and diffusers folder kind) it makes."""
+        return "sdxl-refiner" if self.family == "sdxl-refiner" else "sdxl" if self.family.startswith("sdxl") else "sd"
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """Its text-encoder components, in context order ("text_encoder", "text_encoder_2")."""
+        return _ENCODERS[self.pipeline_family]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -131,6 +150,12 @@ def _normalize_prediction(value: str | None, source: str) -> str | None:
 def detect(state: dict[str, Any], extras: dict[str, Any], path: Path | None = None,
            prediction_type: str | None = None) -> tuple[str, str]:
     """(family, prediction_type) of a single-file state dict; see the module docstring for the rules."""
+    if sgm.is_sdxl(state):
+        info = sgm.detect_family(state)
+        if info["in_channels"] not in (4, 9):
+            raise CheckpointError(f"{path or 'checkpoint'}: SDXL UNet with {info['in_channels']} input channels "
+                                  "is not a text-to-image or inpainting model")
+        return info["family"], _prediction(extras, path, prediction_type, "sdxl")
     info = ldm.detect_family(state)
     sd2 = info["text_encoder"] == "openclip"
     if info["in_channels"] == 9:
@@ -140,6 +165,13 @@ def detect(state: dict[str, Any], extras: dict[str, Any], path: Path | None = No
     else:
         raise CheckpointError(f"{path or 'checkpoint'}: UNet with {info['in_channels']} input channels is not "
                               "a Stable Diffusion 1.x/2.x text-to-image or inpainting model")
+    pred = _prediction(extras, path, prediction_type, family)
+    if family == "sd2" and pred == "v_prediction":
+        family = "sd2-v"
+    return family, pred
+
+
+def _prediction(extras: dict[str, Any], path: Path | None, prediction_type: str | None, family: str) -> str:
     pred = _normalize_prediction(prediction_type, "prediction_type argument")
     if pred is None and path is not None:
         pred = _prediction_from_yaml(path)
@@ -148,18 +180,16 @@ def detect(state: dict[str, Any], extras: dict[str, Any], path: Path | None = No
         pred = _normalize_prediction(meta, f"{path}: metadata modelspec.prediction_type")
     if pred is None and family == "sd2":
         pred = "epsilon" if extras.get("global_step") == 875000 else "v_prediction"
-    pred = pred or "epsilon"
-    if family == "sd2" and pred == "v_prediction":
-        family = "sd2-v"
-    return family, pred
+    return pred or "epsilon"
 
 
 def template_configs(family: str, prediction_type: str, config_dir: str | os.PathLike | None = None
                      ) -> dict[str, dict[str, Any]]:
-    """Diffusers config dicts for a family: "unet", "vae", "text_encoder", "scheduler", "model_index".
+    """Diffusers config dicts for a family: "unet", "vae", "text_encoder" (SDXL: and "text_encoder_2";
+    the refiner only that), "scheduler", "model_index".
 
     config_dir: a diffusers-layout folder; each of its `unet/config.json`,
-    `vae/config.json`, `text_encoder/config.json`, `scheduler/scheduler_config.json`
+    `vae/config.json`, `text_encoder[_2]/config.json`, `scheduler/scheduler_config.json`
     that exists replaces the template's.
     """
     if family not in _TEMPLATES:
@@ -167,7 +197,12 @@ def template_configs(family: str, prediction_type: str, config_dir: str | os.Pat
     folder, overrides = _TEMPLATES[family]
     base = CONFIGS / folder
     files = {"unet": "unet/config.json", "vae": "vae/config.json", "text_encoder": "text_encoder/config.json",
+             "text_encoder_2": "text_encoder_2/config.json",
              "scheduler": "scheduler/scheduler_config.json", "model_index": "model_index.json"}
+    if not (base / files["text_encoder_2"]).is_file():
+        del files["text_encoder_2"]
+    if not (base / files["text_encoder"]).is_file():
+        del files["text_encoder"]
     configs = {}
     for name, rel in files.items():
         given = Path(config_dir) / rel if config_dir is not None else None
@@ -181,21 +216,28 @@ def template_configs(family: str, prediction_type: str, config_dir: str | os.Pat
 
 def read_single_file(path: str | os.PathLike, *, prediction_type: str | None = None,
                      config_dir: str | os.PathLike | None = None, prefer_ema: bool = True) -> SingleFileCheckpoint:
-    """Read a single-file SD1/SD2 checkpoint into diffusers-named components with their configs.
+    """Read a single-file SD1/SD2/SDXL checkpoint into diffusers-named components with their configs.
 
     Weights keep the file's dtype (fp16, bf16 or fp32) and torch layouts; safetensors
-    tensors stay lazy until used. Raises CheckpointError for SDXL, unknown or
+    tensors stay lazy until used. Raises CheckpointError for unknown or
     incomplete files, ConfigError for a bad prediction type.
     """
     path = Path(path).expanduser()
     state, extras = read_state(path)
     family, pred = detect(state, extras, path, prediction_type)
     configs = template_configs(family, pred, config_dir)
-    parts = ldm.split_components(state, prefer_ema=prefer_ema)
+    xl = family in sgm.FAMILIES
+    parts = sgm.split_components(state, prefer_ema=prefer_ema) if xl else \
+        ldm.split_components(state, prefer_ema=prefer_ema)
     try:
         weights = {"unet": ldm.unet_to_diffusers(parts["unet"], configs["unet"]),
                    "vae": ldm.vae_to_diffusers(parts["vae"], configs["vae"])}
-        if parts["text_encoder_kind"] == "openclip":
+        if xl:
+            weights["text_encoder_2"] = sgm.bigg_to_diffusers(parts["text_encoder_2"],
+                                                              configs["text_encoder_2"]["num_hidden_layers"])
+            if parts["text_encoder"] is not None:
+                weights["text_encoder"] = ldm.clip_to_diffusers(parts["text_encoder"])
+        elif parts["text_encoder_kind"] == "openclip":
             weights["text_encoder"] = ldm.openclip_to_diffusers(parts["text_encoder"],
                                                                 configs["text_encoder"]["num_hidden_layers"])
         else:
@@ -204,32 +246,33 @@ def read_single_file(path: str | os.PathLike, *, prediction_type: str | None = N
         where = f"the configs in {config_dir}" if config_dir is not None else \
             f"the standard {family} configs (pass config_dir=<a diffusers folder> for other sizes)"
         raise CheckpointError(f"{path}: the weights do not fit {where}: {e}") from None
-    tok_dir = Path(config_dir) / "tokenizer" if config_dir is not None else None
-    return SingleFileCheckpoint(path, family, pred, weights, configs,
-                                tok_dir if tok_dir is not None and (tok_dir / "vocab.json").is_file() else None,
-                                parts["used_ema"])
+    tok_dirs = [Path(config_dir) / name if config_dir is not None else None for name in ("tokenizer", "tokenizer_2")]
+    tok_dir, tok_2_dir = (d if d is not None and (d / "vocab.json").is_file() else None for d in tok_dirs)
+    return SingleFileCheckpoint(path, family, pred, weights, configs, tok_dir, parts["used_ema"], tok_2_dir)
 
 
-def load_tokenizer(ckpt: SingleFileCheckpoint):
-    """The CLIP tokenizer of a single-file checkpoint: `config_dir/tokenizer` if given, else the
-    shipped CLIP BPE files with the family's tokenizer JSON files (SD2 pads with `!`)."""
+def load_tokenizer(ckpt: SingleFileCheckpoint, name: str = "tokenizer"):
+    """A CLIP tokenizer of a single-file checkpoint (`name`: "tokenizer", or SDXL's "tokenizer_2"):
+    `config_dir/<name>` if given, else the shipped CLIP BPE files with the family's tokenizer JSON
+    files (SD2 and SDXL's second tokenizer pad with `!`)."""
     import tempfile
 
     from transformers import CLIPTokenizer
 
-    if ckpt.tokenizer_dir is not None:
-        return CLIPTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
+    given = ckpt.tokenizer_2_dir if name == "tokenizer_2" else ckpt.tokenizer_dir
+    if given is not None:
+        return CLIPTokenizer.from_pretrained(str(given))
     # One folder for from_pretrained, which reads the files the same way in transformers v4 and v5.
     with tempfile.TemporaryDirectory() as tmp:
-        _assemble_tokenizer(ckpt.family, Path(tmp))
+        _assemble_tokenizer(ckpt.family, Path(tmp), name)
         return CLIPTokenizer.from_pretrained(tmp)
 
 
-def _assemble_tokenizer(family: str, dst: Path) -> None:
+def _assemble_tokenizer(family: str, dst: Path, name: str = "tokenizer") -> None:
     import shutil
 
     dst.mkdir(parents=True, exist_ok=True)
-    for f in (*(CONFIGS / "clip-tokenizer").iterdir(), *(CONFIGS / _TEMPLATES[family][0] / "tokenizer").iterdir()):
+    for f in (*(CONFIGS / "clip-tokenizer").iterdir(), *(CONFIGS / _TEMPLATES[family][0] / name).iterdir()):
         shutil.copyfile(f, dst / f.name)
 
 
@@ -238,7 +281,9 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
                             config_dir: str | os.PathLike | None = None, prefer_ema: bool = True
                             ) -> dict[str, Any]:
     """A single file -> {"text_encoder": (model, config), "unet": ..., "vae": ..., "tokenizer",
-    "scheduler_config", "model_index", "checkpoint": SingleFileCheckpoint (weights emptied)}.
+    "scheduler_config", "model_index", "family", "checkpoint": SingleFileCheckpoint (weights emptied)}.
+    SDXL adds "text_encoder_2" and "tokenizer_2"; the refiner's "text_encoder" and "tokenizer" are
+    None. "family" is the `Pipeline.family`: "sd", "sdxl" or "sdxl-refiner".
 
     Models are built with `nnx.eval_shape` and filled by `sdjax.weights.mapping.load_state`
     (parameters and compute in `dtype`; `sharding(path, abstract)` places each parameter).
@@ -248,10 +293,13 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
 
     dtype = jnp.dtype(dtype)
     ckpt = read_single_file(path, prediction_type=prediction_type, config_dir=config_dir, prefer_ema=prefer_ema)
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
     for kind, cfg_cls, model_cls in (("text_encoder", CLIPTextConfig, CLIPTextModel),
+                                     ("text_encoder_2", CLIPTextConfig, CLIPTextModelWithProjection),
                                      ("unet", UNetConfig, UNet2DConditionModel),
                                      ("vae", VAEConfig, AutoencoderKL)):
+        if kind.startswith("text_encoder") and kind not in ckpt.encoders:
+            continue
         try:
             config = cfg_cls.from_dict(ckpt.configs[kind])
         except ConfigError as e:
@@ -260,7 +308,10 @@ def load_single_file_models(path: str | os.PathLike, *, dtype: Any = "float32",
                            ignore=names.is_ignored, source=f"{ckpt.path} ({kind})", sharding=sharding)
         ckpt.weights[kind] = {}  # drop references to file data as soon as each model holds its weights
         out[kind] = (model, config)
-    out["tokenizer"] = load_tokenizer(ckpt)
+    for kind in ckpt.encoders:
+        name = "tokenizer" + kind.removeprefix("text_encoder")
+        out[name] = load_tokenizer(ckpt, name)
+    out["family"] = ckpt.pipeline_family
     out["scheduler_config"] = ckpt.configs["scheduler"]
     out["model_index"] = ckpt.configs["model_index"]
     out["checkpoint"] = ckpt
@@ -283,26 +334,36 @@ def convert_single_file_to_diffusers(src: str | os.PathLike, dst: str | os.PathL
     ckpt = read_single_file(src, prediction_type=prediction_type, config_dir=config_dir, prefer_ema=prefer_ema)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    for kind in ("unet", "vae", "text_encoder"):
+    for kind in ("unet", "vae", *ckpt.encoders):
         config = dict(ckpt.configs[kind])
         export.save_component(dst, kind, ckpt.weights[kind], config, dtype=dtype)
     export.save_scheduler(dst, ckpt.configs["scheduler"])
-    if ckpt.tokenizer_dir is not None:
-        export.copy_tokenizer(ckpt.tokenizer_dir, dst)
+    tokenizers = ["tokenizer" + kind.removeprefix("text_encoder") for kind in ckpt.encoders]
+    for name in tokenizers:
+        given = ckpt.tokenizer_2_dir if name == "tokenizer_2" else ckpt.tokenizer_dir
+        if given is not None:
+            export.copy_tokenizer(given, dst, name)
+        else:
+            _assemble_tokenizer(ckpt.family, dst / name, name)
+    scheduler_class = ckpt.configs["scheduler"].get("_class_name", "PNDMScheduler")
+    if ckpt.pipeline_family == "sd":
+        export.save_model_index(dst, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
+                                scheduler_class=scheduler_class)
     else:
-        _assemble_tokenizer(ckpt.family, dst / "tokenizer")
-    export.save_model_index(dst, ["unet", "text_encoder", "vae", "tokenizer", "scheduler"],
-                            scheduler_class=ckpt.configs["scheduler"].get("_class_name", "PNDMScheduler"))
+        export.save_sdxl_model_index(dst, refiner=ckpt.family == "sdxl-refiner",
+                                     inpainting=ckpt.family == "sdxl-inpainting",
+                                     scheduler_class=scheduler_class, template=ckpt.configs["model_index"])
     return dst
 
 
 def convert_diffusers_to_single_file(src: str | os.PathLike, dst: str | os.PathLike, *,
                                      dtype: str | None = None, text_encoder_format: str = "auto") -> Path:
-    """Write a diffusers SD1/SD2 folder as one LDM-layout `.safetensors` file; returns `dst`.
+    """Write a diffusers SD1/SD2/SDXL folder as one LDM-layout `.safetensors` file; returns `dst`.
 
-    text_encoder_format: "clip" (SD1 layout), "openclip" (SD2 layout) or "auto"
+    text_encoder_format (SD1/SD2): "clip" (SD1 layout), "openclip" (SD2 layout) or "auto"
     (OpenCLIP when the text encoder uses `gelu`, as SD2's does; SD1's CLIP uses
-    `quick_gelu`). The scheduler's prediction type is stored in the safetensors
+    `quick_gelu`). An SDXL folder (text_encoder_2 in model_index.json) is written in the SGM layout
+    (`sdjax.weights.sgm`), base or refiner as the folder is. The scheduler's prediction type is stored in the safetensors
     metadata (`modelspec.prediction_type`), which `read_single_file` reads back.
     Values are copied bit-exactly unless `dtype` is given.
     """
@@ -312,21 +373,25 @@ def convert_diffusers_to_single_file(src: str | os.PathLike, dst: str | os.PathL
     src, dst = Path(src), Path(dst)
     if dst.suffix != ".safetensors":
         raise CheckpointError(f"{dst}: sdjax writes single files as .safetensors only")
-    if (src / "text_encoder_2").is_dir():
-        raise CheckpointError(f"{src} is an SDXL folder (text_encoder_2/); converting SDXL to a single file is "
-                              "not supported yet")
-    configs = {k: _read_json(src / k / "config.json") for k in ("unet", "vae", "text_encoder")}
+    family = model_family(read_model_index(src))
+    kinds = ("unet", "vae", *_ENCODERS[family])
+    configs = {k: _read_json(src / k / "config.json") for k in kinds}
     weights = {}
-    for kind, rename in (("unet", names.unet), ("vae", names.vae), ("text_encoder", names.clip_text)):
+    for kind in kinds:
+        rename = {"unet": names.unet, "vae": names.vae}.get(kind, names.clip_text)
         flat, _ = read_component_weights(src / kind)
         weights[kind] = {k: v for k, v in rename(flat).items() if not names.is_ignored(k)}
-    if text_encoder_format == "auto":
-        text_encoder_format = "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"
-    if text_encoder_format not in ("clip", "openclip"):
-        raise ConfigError(f"text_encoder_format={text_encoder_format!r}; expected 'auto', 'clip' or 'openclip'")
-    state = ldm.to_single_file(weights["unet"], weights["vae"], weights["text_encoder"],
-                               unet_config=configs["unet"], vae_config=configs["vae"],
-                               openclip=text_encoder_format == "openclip")
+    if family != "sd":
+        state = sgm.to_single_file(weights["unet"], weights["vae"], weights.get("text_encoder"),
+                                   weights["text_encoder_2"], unet_config=configs["unet"], vae_config=configs["vae"])
+    else:
+        if text_encoder_format == "auto":
+            text_encoder_format = "openclip" if configs["text_encoder"].get("hidden_act") == "gelu" else "clip"
+        if text_encoder_format not in ("clip", "openclip"):
+            raise ConfigError(f"text_encoder_format={text_encoder_format!r}; expected 'auto', 'clip' or 'openclip'")
+        state = ldm.to_single_file(weights["unet"], weights["vae"], weights["text_encoder"],
+                                   unet_config=configs["unet"], vae_config=configs["vae"],
+                                   openclip=text_encoder_format == "openclip")
     tensors = {}
     for k, v in state.items():
         v = np.ascontiguousarray(np.asarray(v))
