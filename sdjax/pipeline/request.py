@@ -132,7 +132,8 @@ class Request:
     `prompt` is a list (as diffusers), else 1. width / height None: filled in by the generator
     (the init image's size, else the model's own) through `sized`.
     knobs: sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r; order, solver_type,
-    lower_order_final pick code paths).
+    lower_order_final pick code paths). seeds / subseeds: each image's own (variation) seed,
+    instead of seed + i (subseed + i): requests merged into one batch keep their seeds.
     """
 
     prompt: str | Sequence[str]
@@ -151,6 +152,8 @@ class Request:
     noise: Any = None
     subseed: int | None = None
     subseed_strength: float = 0.0
+    seeds: Sequence[int] | None = None
+    subseeds: Sequence[int] | None = None
     clip_skip: int = 1
     mask_blur: float = 4
     inpainting_fill: str = "original"
@@ -185,6 +188,16 @@ class Request:
             object.__setattr__(self, "batch_size", n)
         if self.init_image is None and self.mask is not None:
             raise TaskError("a mask needs an init image")
+        for name in ("seeds", "subseeds"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.batch_size:
+                raise RequestError(f"{name} has {len(values)} entries but batch_size is {self.batch_size}")
+            for v in values:
+                _int(name, v, 0, SEED_MAX, " (seeds are 32-bit as in A1111)")
+        if self.subseeds is not None and self.subseed is None:
+            raise RequestError("subseeds need subseed (the variation seed of the first image)")
 
     @property
     def task(self) -> str:
