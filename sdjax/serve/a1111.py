@@ -133,7 +133,8 @@ def _knobs(payload: dict, sampler_id: str) -> dict:
     """A1111's eta / s_* fields, for the samplers that take them (A1111 ignores them elsewhere)."""
     valid = inspect.signature(sampler_fns.SAMPLERS[sampler_id]).parameters
     knobs = {}
-    if "eta" in valid and payload.get("eta") is not None:
+    # A1111 writes Eta only when it is not the sampler's default; so does the Request then.
+    if "eta" in valid and payload.get("eta") is not None and _field(payload, "eta", float, 1.0) != valid["eta"].default:
         knobs["eta"] = _field(payload, "eta", float, 1.0)
     if "s_noise" in valid and payload.get("s_noise") not in (None, 1, 1.0):
         knobs["s_noise"] = _field(payload, "s_noise", float, 1.0)
