@@ -14,7 +14,9 @@ set of merged weights per batch), and the number of 75-token chunks (prompts of 
 padded to the same chunk count, which would change a shorter prompt's conditioning).
 ControlNet units, explicit noise, explicit sigmas and textual-inversion embeddings run alone.
 
-`host_slice(request, index, count)` is image range `index` of `count` near-equal ranges: on
+`bucket` and `pad` round a batch up to a power of two (repeating its last image), so a server
+compiles a few batch shapes rather than one per mix of requests. `slice_request` with
+`host_range(n, index, count)` is image range `index` of `count` near-equal ranges: on
 many hosts each runs its slice of a merged batch, and the images are gathered back in order.
 """
 
@@ -60,8 +62,10 @@ def seeds_of(request: Request) -> tuple[list[int], list[int] | None]:
 
 def batch_key(pipe, request: Request) -> Hashable | None:
     """What a request must share with others to run in one batch with them; None: run alone."""
-    if any(getattr(request, name) for name in ALONE if getattr(request, name) is not None):
-        return None
+    for name in ALONE:
+        value = getattr(request, name)
+        if value is not None and not (isinstance(value, (list, tuple)) and not value):
+            return None
     n = int(request.batch_size)
     texts = _listed(request.prompt, n) + _listed(request.negative_prompt, n)
     tags = tuple(sorted({tag for t in texts for tag in prompts.extract_lora_tags(t).loras}))
@@ -109,6 +113,27 @@ def slice_request(request: Request, start: int, stop: int) -> Request:
         subseed=None if subseeds is None else 0, subseeds=None if subseeds is None else subseeds[start:stop])
 
 
+def bucket(n: int, most: int) -> int:
+    """The batch size to run n images at: the next power of two, at most max(n, most). A few
+    sizes mean a few compiled functions, whatever mix of requests arrives."""
+    return min(1 << max(n - 1, 0).bit_length(), max(n, most))
+
+
+def pad(request: Request, n: int) -> Request:
+    """`request` grown to n images by repeating its last image (same prompt and seed); the extra
+    images are dropped from the result (`split` takes only what each request asked for)."""
+    have = int(request.batch_size)
+    if n <= have:
+        return request
+    seeds, subseeds = seeds_of(request)
+    prompt, negative = _listed(request.prompt, have), _listed(request.negative_prompt, have)
+    extra = n - have
+    return dataclasses.replace(
+        request, prompt=prompt + prompt[-1:] * extra, negative_prompt=negative + negative[-1:] * extra, seed=0,
+        seeds=seeds + seeds[-1:] * extra, batch_size=n, subseed=None if subseeds is None else 0,
+        subseeds=None if subseeds is None else subseeds + subseeds[-1:] * extra)
+
+
 def host_range(n: int, index: int, count: int) -> tuple[int, int]:
     """Image range [start, stop) of host `index` among `count` for a batch of n (near-equal shares)."""
     share, extra = divmod(n, count)
@@ -126,4 +151,4 @@ def split(result: GenerationResult, sizes: Sequence[int]) -> list[GenerationResu
     return out
 
 
-__all__ = ["batch_key", "host_range", "merge", "seeds_of", "slice_request", "split"]
+__all__ = ["batch_key", "bucket", "host_range", "merge", "pad", "seeds_of", "slice_request", "split"]

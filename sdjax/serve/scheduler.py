@@ -267,7 +267,8 @@ class Scheduler:
         """One compiled call on this process's share of `request`'s images, gathered."""
         hosts, me = jax.process_count(), jax.process_index()
         n = int(request.batch_size)
-        start, stop = combine.host_range(n, me, hosts) if hosts > 1 else (0, n)
+        request = combine.pad(request, combine.bucket(n, self.max_batch))  # a few shapes, a few compiles
+        start, stop = combine.host_range(int(request.batch_size), me, hosts) if hosts > 1 else (0, int(request.batch_size))
         self.interrupt.clear()
         status: dict[str, Any] = {"status": "ok"}
         result = None
@@ -306,7 +307,7 @@ class Scheduler:
             return Outcome(error=status.get("exception") or SdjaxError(status["message"]))
         self.stats["batches"] += 1
         self.stats["images"] += n
-        return Outcome(result=result)
+        return Outcome(result=combine.split(result, [n])[0])  # the padding images dropped
 
     def _save(self, result: GenerationResult) -> None:
         for image, info, seed in zip(result.images, result.infotexts, result.seeds):
