@@ -2,8 +2,8 @@
 
     python scripts/bench_serve.py [--model DIR] [--requests 8] [--steps 4] [--size 64] [--devices all]
 
-Starts a real server (a subprocess on a free port, 127.0.0.1), warms both batch shapes up
-(the first call of a shape compiles), then times N sequential single-image requests and the
+Starts a real server (a subprocess on a free port, 127.0.0.1), warms every batch shape up
+(the server pads batches to powers of two; the first call of a shape compiles), then times N sequential single-image requests and the
 same N requests sent by N client threads together, which the server batches into fewer
 compiled calls. Prints one line per mode and the server's generation-call counts.
 """
@@ -55,10 +55,10 @@ def main() -> None:
             except httpx.TransportError:
                 time.sleep(0.5)
 
-        def one(i: int) -> None:
+        def one(i: int, batch_size: int = 1) -> None:
             r = httpx.post(base + "/sdapi/v1/txt2img", timeout=900, json={
                 "prompt": f"benchmark prompt {i}", "seed": 1000 + i, "steps": a.steps, "width": a.size,
-                "height": a.size, "sampler_name": "Euler a", "cfg_scale": 7})
+                "height": a.size, "sampler_name": "Euler a", "cfg_scale": 7, "batch_size": batch_size})
             r.raise_for_status()
 
         def concurrent() -> None:
@@ -71,8 +71,10 @@ def main() -> None:
         def calls() -> int:
             return httpx.get(base + "/sdjax/v1/stats").json()["generate_calls"]
 
-        one(-1)  # compile the single-image shape
-        concurrent()  # and the batched one(s)
+        n = 1
+        while n < 2 * a.requests:  # compile every batch shape the server uses (powers of two)
+            one(-1, min(n, a.requests))
+            n *= 2
         c0, t0 = calls(), time.perf_counter()
         for i in range(a.requests):
             one(i)

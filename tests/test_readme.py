@@ -53,6 +53,7 @@ NOT_RUN = [
     (r"path/to/model\.safetensors", "needs a full-size SD single file (a tiny model's single file "
                                      "needs config_dir, which the CLI does not take)"),
     (r"--num-processes P --process-id i", "needs P hosts (tests/test_multihost.py runs 2 processes)"),
+    (r"^sdjax serve ", "a server runs until stopped (tests/test_serve*.py start real ones)"),
 ]
 PRELUDE = """
 import numpy as _np
@@ -155,10 +156,10 @@ def test_readme_has_the_sections_issue_10_asks_for():
 
 
 def test_quickstart_test_command_is_what_ci_runs():
-    # The README's command is .ci/run's first command (after `set` and `cd`); the
-    # oldest-jax job follows it.
+    # The README's command is .ci/run's first command (after `set`, `cd` and the system
+    # packages: `command -v X || .ci/apt-install X`); the oldest-jax job follows it.
     lines = [s.strip() for s in (ROOT / ".ci" / "run").read_text().splitlines()]
-    ci = next(s for s in lines if s and not s.startswith(("#", "set ", "cd ")))
+    ci = next(s for s in lines if s and not s.startswith(("#", "set ", "cd ", "command -v ")))
     bash = [code.strip() for lang, code, _ in readme_blocks() if lang == "bash"]
     assert ci in bash, ".ci/run's command and the README Quickstart test command differ"
     first = bash[0]

@@ -11,6 +11,7 @@
     canny.py       Canny edges in numpy (the "canny" preprocessor)
     networks.py    LoRA and textual-inversion embeddings applied for one call
     batch.py       prompts-file runs: planning, file names, manifests, resuming
+    combine.py     several Requests as one batch and the result split back (the server)
 """
 
 from sdjax.pipeline.components import VAE, Component, TextEncoder, UNet
