@@ -17,7 +17,6 @@ import dataclasses
 import inspect
 import io
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ def _knobs(payload: dict, sampler_id: str) -> dict:
         knobs["s_churn"] = _field(payload, "s_churn", float, 0.0)
         knobs["s_tmin"] = _field(payload, "s_tmin", float, 0.0)
         tmax = _field(payload, "s_tmax", float, 0.0)
-        knobs["s_tmax"] = tmax if tmax > 0 else math.inf  # A1111: 0 means no upper bound
+        knobs["s_tmax"] = tmax if tmax > 0 else float(np.finfo(np.float32).max)  # A1111: 0 = no upper bound
     return knobs
 
 
