@@ -10,7 +10,7 @@ from sdjax.errors import RequestError
 from sdjax.pipeline import combine
 from sdjax.pipeline.generator import GenerationResult
 from sdjax.pipeline.load import load_pipeline
-from sdjax.pipeline.request import Request
+from sdjax.pipeline.request import Limits, Request
 
 
 @pytest.fixture(scope="module")
@@ -66,5 +66,8 @@ def test_buckets_and_host_ranges():
             assert all(ranges[i][1] == ranges[i + 1][0] for i in range(count - 1))
             sizes = [b - a for a, b in ranges]
             assert max(sizes) - min(sizes) <= 1
+    small = Limits(max_batch_size=2)  # each request within its limit; the merged batch is the server's
+    assert combine.pad(combine.merge([Request("a", limits=small), Request("b", batch_size=2, limits=small)]),
+                       4).batch_size == 4
     m = combine.slice_request(Request(["a", "b", "c"], seed=3), 1, 3)
     assert list(m.prompt) == ["b", "c"] and combine.seeds_of(m)[0] == [4, 5]

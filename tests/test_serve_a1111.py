@@ -124,3 +124,33 @@ def test_png_info_and_model_switch(tmp_path):
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("other [")
         assert client.post("/sdapi/v1/png-info", json={"image": "%%%"}).status_code == 422
         assert json.loads(json.dumps(client.get("/sdapi/v1/progress").json()))["state"]["sampling_steps"] == 0
+
+
+def test_one_failing_request_never_fails_its_batch_mates():
+    """A merged batch that fails runs each of its requests alone: the good ones get their images.
+    (The failure is injected into the real generator for one prompt; nothing else is replaced.)"""
+    from sdjax.errors import TaskError
+    from sdjax.pipeline import combine
+    from sdjax.pipeline.load import load_pipeline
+    from sdjax.serve.scheduler import Scheduler
+
+    pipe = load_pipeline(EMBEDDED_MODEL)
+    real = pipe.generator.generate
+
+    def generate(request, **kw):
+        if "boom" in (request.prompt if isinstance(request.prompt, (list, tuple)) else [request.prompt]):
+            raise TaskError("boom cannot be drawn")
+        return real(request, **kw)
+
+    pipe.generator.generate = generate
+    sched = Scheduler(pipe, a1111.Context())
+    small = {"steps": 2, "width": 64, "height": 64, "sampler_name": "Euler"}
+    requests = [a1111.to_request({"prompt": p, "seed": i, **small}, "txt2img", sched.ctx)[0]
+                for i, p in enumerate(["a", "boom", "c"])]
+    assert len({combine.batch_key(pipe, r) for r in requests}) == 1  # they do share a batch
+    outcomes = sched.execute(requests)
+    assert "boom cannot be drawn" in str(outcomes[1].error) and outcomes[1].result is None
+    for i in (0, 2):
+        assert outcomes[i].error is None and len(outcomes[i].result.images) == 1
+        assert outcomes[i].result.seeds == [i]
+    assert sched.stats["generate_calls"] == 4  # the merged call, then each alone

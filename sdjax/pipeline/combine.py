@@ -31,7 +31,7 @@ import numpy as np
 from sdjax import prompts
 from sdjax.pipeline.generator import GenerationResult
 from sdjax.pipeline.inpaint import to_pil_mask, to_pil_rgb
-from sdjax.pipeline.request import Request
+from sdjax.pipeline.request import Limits, Request
 
 # Fields that differ between the requests of one batch.
 PER_IMAGE = ("prompt", "negative_prompt", "seed", "seeds", "subseed", "subseeds", "batch_size", "extra_params")
@@ -48,6 +48,13 @@ def _image_digest(image: Any, mask: bool = False) -> str | None:
         return None
     pil = to_pil_mask(image) if mask else to_pil_rgb(image)
     return hashlib.sha256(np.asarray(pil).tobytes() + repr((pil.size, pil.mode)).encode()).hexdigest()
+
+
+def _limits(request: Request, n: int) -> Limits:
+    """The request's limits, with room for a batch of n: each request was checked against its own
+    batch-size limit; the merged batch is the server's, bounded by its own --max-batch."""
+    limits = request.limits or Limits()
+    return dataclasses.replace(limits, max_batch_size=max(limits.max_batch_size, n))
 
 
 def seeds_of(request: Request) -> tuple[list[int], list[int] | None]:
@@ -99,7 +106,8 @@ def merge(requests: Sequence[Request]) -> Request:
         subseeds += sub or []
     first = requests[0]
     return dataclasses.replace(first, prompt=prompt, negative_prompt=negative, seed=0, seeds=seeds,
-                               batch_size=len(seeds), subseed=None if first.subseed is None else 0,
+                               batch_size=len(seeds), limits=_limits(first, len(seeds)),
+                               subseed=None if first.subseed is None else 0,
                                subseeds=subseeds if first.subseed is not None else None)
 
 
@@ -130,7 +138,8 @@ def pad(request: Request, n: int) -> Request:
     extra = n - have
     return dataclasses.replace(
         request, prompt=prompt + prompt[-1:] * extra, negative_prompt=negative + negative[-1:] * extra, seed=0,
-        seeds=seeds + seeds[-1:] * extra, batch_size=n, subseed=None if subseeds is None else 0,
+        seeds=seeds + seeds[-1:] * extra, batch_size=n, limits=_limits(request, n),
+        subseed=None if subseeds is None else 0,
         subseeds=None if subseeds is None else subseeds + subseeds[-1:] * extra)
 
 

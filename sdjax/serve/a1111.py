@@ -145,7 +145,7 @@ def _knobs(payload: dict, sampler_id: str) -> dict:
     return knobs
 
 
-def _controlnets(payload: dict, ctx: Context, width: int, height: int) -> list[ControlNetUnit]:
+def _controlnets(payload: dict, ctx: Context) -> list[ControlNetUnit]:
     """`alwayson_scripts.ControlNet.args` (the sd-webui-controlnet extension) as sdjax units."""
     scripts = payload.get("alwayson_scripts") or {}
     if not isinstance(scripts, dict):
@@ -242,7 +242,7 @@ def to_request(payload: dict, task: str, ctx: Context) -> tuple[Request, dict]:
             kw.update(mask=mask, mask_blur=_field(payload, "mask_blur", float, 4.0), inpainting_fill=FILL_MODES[fill],
                       inpaint_full_res=_field(payload, "inpaint_full_res", bool, False),
                       inpaint_full_res_padding=_field(payload, "inpaint_full_res_padding", int, 32))
-    units = _controlnets(payload, ctx, width, height)
+    units = _controlnets(payload, ctx)
     if units:
         kw["controlnets"] = units
     request = Request(_field(payload, "prompt", str, ""), **kw)
