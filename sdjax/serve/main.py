@@ -15,6 +15,7 @@ import jax
 
 from sdjax import parallel, runtime, serve
 from sdjax.errors import UsageError
+from sdjax.models.kernels import ATTENTION, CONV
 from sdjax.pipeline.load import load_pipeline
 from sdjax.pipeline.request import Limits
 from sdjax.serve import a1111
@@ -25,8 +26,8 @@ def add_serve_parser(sub, add_device_flags: Callable[[argparse.ArgumentParser], 
     s = sub.add_parser("serve", help="serve AUTOMATIC1111's web API (see sdjax serve --help)")
     s.add_argument("--model", help="diffusers folder or .safetensors file (default: the embedded tiny model)")
     s.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    s.add_argument("--attention", help="attention implementation (as sdjax generate)")
-    s.add_argument("--conv", help="convolution implementation (as sdjax generate)")
+    s.add_argument("--attention", choices=ATTENTION, help="attention implementation (as sdjax generate)")
+    s.add_argument("--conv", choices=CONV, help="convolution implementation (as sdjax generate)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860)
     s.add_argument("--max-batch", type=int, default=32, help="most images per compiled call (default 32)")
