@@ -170,6 +170,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_images(api, server):
     assert len({pixels(r.image).tobytes() for r in results.values()}) == 8
 
 
+@pytest.mark.slow  # a 400-step request and its compile: ~30-60 s on 2 shared cores
 def test_progress_moves_and_interrupt_stops_a_long_request(api, server):
     out = {}
 
