@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import secrets
 import time
 from pathlib import Path
@@ -97,17 +98,16 @@ def create_app(pipe, *, ctx: a1111.Context | None = None, max_batch: int = 32, b
     sched = scheduler or Scheduler(pipe, ctx or a1111.Context(), max_batch=max_batch,
                                    batch_wait_s=batch_wait_ms / 1000, max_queue=max_queue, device_kw=device_kw,
                                    outdir=outdir, load=load, models_dir=models_dir)
-    app = FastAPI(title="sdjax", docs_url="/docs")
-    app.state.scheduler = sched
 
-    @app.on_event("startup")
-    def _start():
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
         if sched.thread is None:
             sched.start()
+        yield
+        await run_in_threadpool(sched.stop, 600)  # the running batch finishes; queued requests get 503
 
-    @app.on_event("shutdown")
-    def _stop():
-        sched.stop(timeout=600)
+    app = FastAPI(title="sdjax", docs_url="/docs", lifespan=lifespan)
+    app.state.scheduler = sched
 
     @app.middleware("http")
     async def _auth(request: HttpRequest, call_next):
