@@ -9,6 +9,7 @@
     sdjax info image.png                                         (parameters, watermark, XMP source type)
     sdjax generate "..." --xyz "CFG Scale: 4, 7, 10" "Steps: 10, 20"   (X/Y/Z plot, sdjax.cli_xyz)
     sdjax generate "..." --preview-every 5 [--taesd PATH]        (live previews, sdjax.cli_outputs)
+    sdjax serve --port 7860 --devices all                        (AUTOMATIC1111's web API, sdjax.serve)
     sdjax generate --prompts-file p.txt --batch-size 8 --devices all [--fsdp 2]   (batch over devices)
     sdjax generate --prompts-file p.txt --out shared/ --coordinator-address HOST:PORT \
         --num-processes 2 --process-id 0   (one process per host; each writes only its images)
@@ -50,6 +51,7 @@ from sdjax.pipeline.generator import model_hash
 from sdjax.pipeline.inpaint import to_pil_mask, to_pil_rgb
 from sdjax.pipeline.load import load_pipeline
 from sdjax.pipeline.request import HiresFix, Limits, Request, check_request
+from sdjax.serve.main import add_serve_parser, run_serve
 
 DEFAULTS = dict(negative_prompt="", steps=20, sampler="DPM++ 2M", schedule="Automatic", cfg_scale=7.0,
                 seed=-1, batch_size=1, batch_count=1, strength=0.75, clip_skip=1, dtype="float32",
@@ -65,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("image")
     add_convert_parser(sub)
     add_train_parser(sub)
+    add_serve_parser(sub, add_parallel_flags)
     for name in ("generate", "img2img", "inpaint", "outpaint"):
         s = sub.add_parser(name, help=f"{name} (see sdjax {name} --help)")
         s.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
@@ -480,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                 return run_convert(args)
             if args.command == "train":
                 return run_train(args)
+            if args.command == "serve":
+                o = vars(args)
+                return run_serve(args, _model_path(o), _device_kwargs(o))
             return print_info(args.image) if args.command == "info" else _run(args)
     except SdjaxError as e:
         print(f"sdjax: error: {e}", file=sys.stderr)

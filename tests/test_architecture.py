@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sdjax"
 
 # Function-level `sdjax` imports that are allowed: (module, imported module).
-LAZY_ALLOWED = {("sdjax", "sdjax.pipeline")}  # `sdjax.load_pipeline` without importing JAX at `import sdjax`
+LAZY_ALLOWED = {("sdjax", "sdjax.pipeline"),  # `sdjax.load_pipeline` without importing JAX at `import sdjax`
+                ("sdjax.serve", "sdjax.serve.app")}  # FastAPI (the optional extra) only when serving
 LOWER_FLOORS = ("sdjax.models", "sdjax.sampling", "sdjax.weights")
-UPPER_FLOORS = ("sdjax.pipeline", "sdjax.cli", "sdjax.cli_networks", "sdjax.cli_sdxl", "sdjax.cli_train", "sdjax.train")
+UPPER_FLOORS = ("sdjax.pipeline", "sdjax.cli", "sdjax.cli_networks", "sdjax.cli_sdxl", "sdjax.cli_train", "sdjax.train",
+                "sdjax.serve")
 
 
 def _module_name(path: Path) -> str:
@@ -147,3 +149,10 @@ def test_models_know_no_files_and_samplers_see_only_a_denoiser():
     samplers = [(m, n) for m, imps in GRAPH.items() if m.startswith("sdjax.sampling")
                 for n, _ in imps if n.startswith(("sdjax.models", "sdjax.weights"))]
     assert not samplers, f"sampling imports models or weights: {samplers}"
+
+
+def test_the_generation_layer_knows_no_entry_point():
+    """sdjax.pipeline serves the CLI and the server alike and imports neither."""
+    bad = [(m, n) for m, imps in GRAPH.items() if m.startswith("sdjax.pipeline")
+           for n, _ in imps if n.startswith(("sdjax.serve", "sdjax.cli"))]
+    assert not bad, f"the generation layer imports an entry point: {bad}"

@@ -55,6 +55,7 @@ NOT_RUN = [
     (r"--num-processes P --process-id i", "needs P hosts (tests/test_multihost.py runs 2 processes)"),
     (r"--taesd models/taesd", "needs the published TAESD weights (no downloads in CI); tests/test_preview.py "
                               "runs the same flags on a random AutoencoderTiny folder"),
+    (r"^sdjax serve ", "a server runs until stopped (tests/test_serve*.py start real ones)"),
 ]
 PRELUDE = """
 import numpy as _np
@@ -157,10 +158,10 @@ def test_readme_has_the_sections_issue_10_asks_for():
 
 
 def test_quickstart_test_command_is_what_ci_runs():
-    # The README's command is .ci/run's first command (after `set` and `cd`); the
-    # oldest-jax job follows it.
+    # The README's command is .ci/run's first command (after `set`, `cd` and the system
+    # packages: `command -v X || .ci/apt-install X`); the oldest-jax job follows it.
     lines = [s.strip() for s in (ROOT / ".ci" / "run").read_text().splitlines()]
-    ci = next(s for s in lines if s and not s.startswith(("#", "set ", "cd ")))
+    ci = next(s for s in lines if s and not s.startswith(("#", "set ", "cd ", "command -v ")))
     bash = [code.strip() for lang, code, _ in readme_blocks() if lang == "bash"]
     assert ci in bash, ".ci/run's command and the README Quickstart test command differ"
     first = bash[0]

@@ -62,21 +62,23 @@ def test_cells_group_into_one_call_per_sampler_and_steps():
     for g in groups:
         assert len({(c.options["sampler"], c.options["steps"]) for c in g}) == 1
         options = xyz.batch_options(g)
-        assert options["batch_size"] == 3 and options["cfg_scale"] == [4.0, 7.0, 10.0] and options["seed"] == [3] * 3
+        assert options["batch_size"] == 3 and options["cfg_scale"] == [4.0, 7.0, 10.0] and options["seeds"] == [3] * 3
 
 
 def test_request_takes_per_image_seeds_and_cfg_scales():
     from sdjax.errors import RequestError, TaskError
     from sdjax.pipeline.request import Request
 
-    r = Request(["a", "b"], seed=[7, 3], cfg_scale=[4.0, 9.5])
-    assert r.batch_size == 2 and r.seed == [7, 3]
+    r = Request(["a", "b"], seed=7, seeds=[7, 3], cfg_scale=[4.0, 9.5])
+    assert r.batch_size == 2 and r.seeds == [7, 3]
     with pytest.raises(TaskError, match="3 per-image values but the batch has 2"):
-        Request(["a", "b"], seed=[1, 2, 3])
+        Request(["a", "b"], cfg_scale=[1.0, 2.0, 3.0])
+    with pytest.raises(RequestError, match="seeds has 3 entries"):
+        Request(["a", "b"], seeds=[1, 2, 3])
     with pytest.raises(RequestError, match="cfg_scale must be a finite number"):
         Request("a", batch_size=2, cfg_scale=[1.0, float("nan")])
     with pytest.raises(RequestError, match="seed"):
-        Request("a", batch_size=2, seed=[1, -4])
+        Request("a", batch_size=2, seeds=[1, -4])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@
     batch.py       prompts-file runs: planning, file names, manifests, resuming
     xyz.py         X/Y/Z plots: A1111 axes -> cells -> batched calls -> labelled grids
     preview.py     live previews: A1111 "Approx cheap" / TAESD from each step's x0
+    combine.py     several Requests as one batch and the result split back (the server)
 """
 
 from sdjax.pipeline.components import VAE, Component, TextEncoder, UNet

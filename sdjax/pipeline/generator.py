@@ -289,10 +289,11 @@ class Generator:
 
         prompt_list = _as_list(r.prompt, b, "prompt")
         negative_list = _as_list(r.negative_prompt, b, "negative_prompt")
-        # seed and cfg_scale may be per image (`Request`); else image i has seed + i.
-        seeds = [int(v) for v in r.seed] if isinstance(r.seed, (list, tuple)) else [int(r.seed) + i for i in range(b)]
+        # seeds (and subseeds) may be given per image (`Request.seeds`); else image i has seed + i.
+        seeds = [int(v) for v in r.seeds] if r.seeds is not None else [int(r.seed) + i for i in range(b)]
+        subseeds = None if r.subseed is None else (
+            [int(v) for v in r.subseeds] if r.subseeds is not None else [int(r.subseed) + i for i in range(b)])
         cfg_list = _as_list(r.cfg_scale, b, "cfg_scale")
-        subseeds = None if r.subseed is None else [int(r.subseed) + i for i in range(b)]
         channels = int(pipe.vae.config.latent_channels)
         latent_shape = (height // 8, width // 8, channels)
         seed_noise, keys = core.initial_noise(np.asarray(seeds), latent_shape, subseeds, r.subseed_strength)

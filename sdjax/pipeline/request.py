@@ -207,9 +207,10 @@ class Request:
     `prompt` is a list (as diffusers), else 1. width / height None: filled in by the generator
     (the init image's size, else the model's own) through `sized`.
     knobs: sampler knobs (eta, s_noise, s_churn, s_tmin, s_tmax, r; order, solver_type,
-    lower_order_final pick code paths).
-    seed and cfg_scale may also be one value per image (a list of batch_size values), which
-    `sdjax.pipeline.xyz` uses to run an X/Y/Z plot's cells in one compiled call. hires: a `HiresFix` (txt2img only).
+    lower_order_final pick code paths). seeds / subseeds: each image's own (variation) seed,
+    instead of seed + i (subseed + i): requests merged into one batch (the server, an X/Y/Z
+    plot's cells) keep their seeds. cfg_scale may also be one value per image (a list of
+    batch_size values; `sdjax.pipeline.xyz`). hires: a `HiresFix` (txt2img only).
     SDXL (`sdjax.pipeline.sdxl`): original_size / target_size (height, width) and
     crops_coords_top_left (top, left), default (height, width) and (0, 0); their negative_ forms
     default to them; aesthetic_score / negative_aesthetic_score (refiner, 6.0 / 2.5); refiner: a
@@ -233,6 +234,8 @@ class Request:
     noise: Any = None
     subseed: int | None = None
     subseed_strength: float = 0.0
+    seeds: Sequence[int] | None = None
+    subseeds: Sequence[int] | None = None
     clip_skip: int = 1
     mask_blur: float = 4
     inpainting_fill: str = "original"
@@ -263,8 +266,7 @@ class Request:
     hires: HiresFix | None = None
 
     def __post_init__(self):
-        per_image = {k: getattr(self, k) for k in ("seed", "cfg_scale")
-                     if isinstance(getattr(self, k), (list, tuple))}
+        per_image = {k: getattr(self, k) for k in ("cfg_scale",) if isinstance(getattr(self, k), (list, tuple))}
         for name, values in per_image.items():  # one value per image (an X/Y/Z plot's batched cells)
             n = self.batch_size if self.batch_size is not None else (
                 len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1)
@@ -274,7 +276,7 @@ class Request:
                 check_request(**{name: v}, limits=self.limits)
         check_request(steps=self.steps if self.sigmas is None else None,
                       cfg_scale=None if "cfg_scale" in per_image else self.cfg_scale,
-                      seed=None if "seed" in per_image else self.seed, batch_size=self.batch_size,
+                      seed=self.seed, batch_size=self.batch_size,
                       width=self.width, height=self.height,
                       strength=self.strength if self.init_image is not None else None, subseed=self.subseed,
                       subseed_strength=self.subseed_strength, clip_skip=self.clip_skip, knobs=self.knobs,
@@ -289,11 +291,21 @@ class Request:
             raise TaskError(f"unknown generation option(s) {bad}")
         if self.batch_size is None:  # diffusers: a list of prompts is a batch of that many images
             n = len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1
-            check_request(batch_size=n, seed=None if "seed" in per_image else self.seed, subseed=self.subseed,
+            check_request(batch_size=n, seed=self.seed, subseed=self.subseed,
                           limits=self.limits)
             object.__setattr__(self, "batch_size", n)
         if self.init_image is None and self.mask is not None:
             raise TaskError("a mask needs an init image")
+        for name in ("seeds", "subseeds"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.batch_size:
+                raise RequestError(f"{name} has {len(values)} entries but batch_size is {self.batch_size}")
+            for v in values:
+                _int(name, v, 0, SEED_MAX, " (seeds are 32-bit as in A1111)")
+        if self.subseeds is not None and self.subseed is None:
+            raise RequestError("subseeds need subseed (the variation seed of the first image)")
         if self.hires is not None:
             if not isinstance(self.hires, HiresFix):
                 raise TaskError(f"hires must be a HiresFix, got {type(self.hires).__name__}")

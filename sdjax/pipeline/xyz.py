@@ -205,6 +205,7 @@ def batch_options(group: Sequence[Cell]) -> dict:
     if len(group) > 1:
         for k in PER_IMAGE:
             options[k] = [c.options.get(k, "" if k == "negative_prompt" else None) for c in group]
+        options["seeds"], options["seed"] = options["seed"], options["seed"][0]  # `Request.seeds`
         options["batch_size"] = len(group)
     return options
 
