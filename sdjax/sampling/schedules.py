@@ -309,6 +309,79 @@ def align_your_steps(steps, family="sd15"):
     return _append_zero(table[:-1])
 
 
+def linear_quadratic(steps, sigma_max, threshold_noise=0.025, linear_steps=None):
+    """Linear in (1 - sigma / sigma_max) up to threshold_noise over the first linear_steps
+    (default steps // 2), quadratic after (Genmo's Mochi schedule; ComfyUI "linear_quadratic")."""
+    if steps == 1:
+        schedule = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quad_coef = step_diff / (linear_steps * quadratic_steps**2)
+        lin_coef = threshold_noise / linear_steps - 2 * step_diff / quadratic_steps**2
+        const = quad_coef * linear_steps**2
+        quadratic = [quad_coef * i**2 + lin_coef * i + const for i in range(linear_steps, steps)]
+        schedule = [1.0 - v for v in linear + quadratic + [1.0]]
+    return (np.asarray(schedule, np.float64) * sigma_max).astype(np.float32)
+
+
+# GITS (Chen et al. 2024, "On the Trajectory Regularity of ODE-based Diffusion Sampling",
+# arXiv:2405.11326): the searched SD1.5 schedules for 2..20 steps at ComfyUI's default
+# coeff = 1.20 (comfy_extras/nodes_gits.py, from zju-pi/diff-sampler).
+GITS_TABLE = (
+    (14.61464119, 0.803307, 0.02916753),
+    (14.61464119, 1.56271636, 0.52423614, 0.02916753),
+    (14.61464119, 2.36326075, 0.92192322, 0.36617002, 0.02916753),
+    (14.61464119, 2.84484982, 1.24153244, 0.59516323, 0.25053367, 0.02916753),
+    (14.61464119, 5.85520077, 2.05039096, 0.95350921, 0.45573691, 0.17026083, 0.02916753),
+    (14.61464119, 5.85520077, 2.45070267, 1.24153244, 0.64427125, 0.29807833, 0.09824532, 0.02916753),
+    (14.61464119, 5.85520077, 2.45070267, 1.36964464, 0.803307, 0.45573691, 0.25053367, 0.09824532, 0.02916753),
+    (14.61464119, 5.85520077, 2.84484982, 1.61558151, 0.95350921, 0.59516323, 0.36617002, 0.19894916,
+     0.09824532, 0.02916753),
+    (14.61464119, 5.85520077, 2.84484982, 1.67050016, 1.08895338, 0.74807048, 0.50118381, 0.32104823,
+     0.19894916, 0.09824532, 0.02916753),
+    (14.61464119, 5.85520077, 2.95596409, 1.84880662, 1.24153244, 0.83188516, 0.59516323, 0.41087446,
+     0.27464288, 0.17026083, 0.09824532, 0.02916753),
+    (14.61464119, 5.85520077, 3.07277966, 1.98035145, 1.36964464, 0.95350921, 0.69515091, 0.50118381,
+     0.36617002, 0.25053367, 0.17026083, 0.09824532, 0.02916753),
+    (14.61464119, 6.77309084, 3.46139455, 2.36326075, 1.56271636, 1.08895338, 0.803307, 0.59516323,
+     0.45573691, 0.34370604, 0.25053367, 0.17026083, 0.09824532, 0.02916753),
+    (14.61464119, 6.77309084, 3.46139455, 2.45070267, 1.61558151, 1.162866, 0.86115354, 0.64427125,
+     0.50118381, 0.38853383, 0.29807833, 0.22545385, 0.17026083, 0.09824532, 0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.12350607, 1.51179266, 1.08895338, 0.83188516,
+     0.64427125, 0.50118381, 0.38853383, 0.29807833, 0.22545385, 0.17026083, 0.09824532, 0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.12350607, 1.51179266, 1.08895338, 0.83188516,
+     0.64427125, 0.50118381, 0.41087446, 0.32104823, 0.25053367, 0.19894916, 0.13792117, 0.09824532,
+     0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.12350607, 1.51179266, 1.08895338, 0.83188516,
+     0.64427125, 0.50118381, 0.41087446, 0.34370604, 0.27464288, 0.22545385, 0.17026083, 0.13792117,
+     0.09824532, 0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.19988537, 1.61558151, 1.20157266, 0.92192322,
+     0.72133851, 0.57119018, 0.45573691, 0.36617002, 0.29807833, 0.25053367, 0.19894916, 0.17026083,
+     0.13792117, 0.09824532, 0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.19988537, 1.61558151, 1.24153244, 0.95350921,
+     0.74807048, 0.59516323, 0.4783645, 0.38853383, 0.32104823, 0.27464288, 0.22545385, 0.19894916,
+     0.17026083, 0.13792117, 0.09824532, 0.02916753),
+    (14.61464119, 7.49001646, 4.65472794, 3.07277966, 2.19988537, 1.61558151, 1.24153244, 0.95350921,
+     0.74807048, 0.59516323, 0.50118381, 0.41087446, 0.34370604, 0.29807833, 0.25053367, 0.22545385,
+     0.19894916, 0.17026083, 0.13792117, 0.09824532, 0.02916753),
+)
+
+
+def gits(steps):
+    """GITS table for `steps` (2..20), else the 20-step table log-linearly interpolated to
+    steps + 1 points (ComfyUI's GITSScheduler); the last value set to 0."""
+    if 2 <= steps <= 20:
+        table = np.asarray(GITS_TABLE[steps - 2], np.float64)
+    else:
+        last = np.asarray(GITS_TABLE[-1], np.float64)
+        xs = np.linspace(0.0, 1.0, len(last))
+        table = np.exp(np.interp(np.linspace(0.0, 1.0, steps + 1), xs, np.log(last[::-1])))[::-1]
+    return _append_zero(table[:-1])
+
+
 def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float | None = None,
                sigma_max: float | None = None, rho: float | None = None, ays_family: str = "sd15",
                alpha: float = 0.6, beta_param: float = 0.6) -> np.ndarray:
@@ -318,7 +391,8 @@ def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float 
     many steps, which follow ComfyUI/A1111 (see those functions); a sampler runs len - 1 steps.
     `name`: a schedule id of `names.SCHEDULES` or any alias (`names.schedule_id`).
     sigma_min / sigma_max default to the model's (as A1111); used by karras, exponential,
-    polyexponential, normal, sgm_uniform, kl_optimal. rho: karras (default 7), polyexponential
+    polyexponential, normal, sgm_uniform, kl_optimal, linear_quadratic (sigma_max only).
+    "gits" and "align_your_steps" are SD-family tables (SD1.5's sigma range). rho: karras (default 7), polyexponential
     (default 1). ays_family: "sd15" or "sdxl" table for align_your_steps. alpha, beta_param:
     the Beta distribution of "beta".
     """
@@ -348,6 +422,10 @@ def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float 
         return beta(steps, model, alpha, beta_param)
     if schedule == "kl_optimal":
         return kl_optimal(steps, smin, smax)
+    if schedule == "linear_quadratic":
+        return linear_quadratic(steps, smax)
+    if schedule == "gits":
+        return gits(steps)
     return align_your_steps(steps, ays_family)
 
 
