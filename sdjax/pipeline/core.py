@@ -131,12 +131,13 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond: jax.Arr
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
-    def denoise(x, sigma):
+    def denoise_pair(x, sigma):
         x0 = base(jnp.concatenate([x, x], axis=0), sigma)
         x0_cond, x0_uncond = jnp.split(x0, 2, axis=0)
-        return sampling.cfg(x0_cond, x0_uncond, cfg_scale)
+        return sampling.cfg(x0_cond, x0_uncond, cfg_scale), x0_uncond
 
-    return denoise
+    # CFG++ samplers read the unguided x0 of the same batched call through `.with_uncond`.
+    return sampling.with_uncond(denoise_pair)
 
 
 def scale_at(level: jax.Array, levels: jax.Array, step_scales: jax.Array) -> jax.Array:
@@ -232,8 +233,11 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             # prediction is the original latent, so those latents stay at the noised original.
             guided = denoise
 
-            def denoise(x, sigma):
-                return init * (1.0 - mask) + mask * guided(x, sigma)
+            def blended(x, sigma):
+                g, u = guided.with_uncond(x, sigma)
+                return init * (1.0 - mask) + mask * g, init * (1.0 - mask) + mask * u
+
+            denoise = sampling.with_uncond(blended)
 
         callback = _progress_callback if spec.progress else None
         latents = sampling.sample(spec.sampler, denoise, x, sigmas, inputs.keys, start=start,

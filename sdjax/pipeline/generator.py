@@ -270,7 +270,7 @@ class Generator:
         fields: dict[str, Any] = dict(
             cond=cond, uncond=uncond, cfg_scale=jnp.float32(r.cfg_scale), noise=noise, sigmas=jnp.asarray(sigmas),
             start=jnp.int32(start), keys=keys,
-            knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
+            knobs={k: _traced_knob(k, v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         unet_in = int(pipe.unet.config.in_channels)
         nine = unet_in == 2 * channels + 1
         job = None
@@ -340,3 +340,10 @@ class Generator:
 
 __all__ = ["GenerationResult", "Generator", "discrete_model", "encode_prompts", "finite_images", "img2img_start",
            "model_hash", "native_size"]
+
+
+def _traced_knob(name: str, value) -> jax.Array:
+    """A numeric sampler knob as a traced scalar; noise_type becomes its index (0 gaussian, 1 brownian)."""
+    if name == "noise_type":
+        return jnp.int32(sampling.NOISE_TYPES.index(value))
+    return jnp.float32(value)

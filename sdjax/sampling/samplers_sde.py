@@ -205,7 +205,7 @@ def _sa_update(hist, lam, i0, count_max, lambda_s, lambda_t, tau):
     for p in range(1, count_max + 1):
         # Nodes lambda_{i0-p+1..i0}, oldest first; before the start, distinct stand-ins (unused).
         idx = [i0 - (p - 1 - j) for j in range(p)]
-        lams = jnp.stack([jnp.where(k >= 0, lam[jnp.maximum(k, 0)], lam[0] - 1.0 + k) for k in idx])
+        lams = jnp.stack([jnp.where(k >= 0, lam[jnp.maximum(k, 0)], lam[0] - 1.0 + k.astype(lam.dtype)) for k in idx])
         b = sa_b_coeffs(lams, lambda_s, lambda_t, tau)
         outs.append(sum(b[j] * hist[p - 1 - j] for j in range(p)))
     return outs

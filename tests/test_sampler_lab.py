@@ -1,0 +1,114 @@
+"""ComfyUI's sampler and scheduler list, as issue 18 writes it: every name resolves, and every
+sampler runs a 4-step txt2img on the embedded tiny model without recompiling across seeds and CFG."""
+
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sdjax
+from sdjax import sampling
+from sdjax.pipeline import core
+from sdjax.pipeline.generator import encode_prompts
+
+EMBEDDED = Path(sdjax.__file__).parent / "assets" / "tiny"
+
+# ComfyUI's 2025 list, as written in the issue ("x(_y)" is x and x_y; "(+ _cfg_pp, ancestral)" of
+# res_multistep is res_multistep_cfg_pp, res_multistep_ancestral and ComfyUI's
+# res_multistep_ancestral_cfg_pp).
+COMFY_LIST = ("euler, euler_cfg_pp, euler_ancestral(_cfg_pp), heun, heunpp2, dpm_2(_ancestral), lms, "
+              "dpm_fast, dpm_adaptive, dpmpp_2s_ancestral(_cfg_pp), dpmpp_sde, dpmpp_2m(_cfg_pp), "
+              "dpmpp_2m_sde(_heun), dpmpp_3m_sde, ddpm, lcm, ipndm, ipndm_v, deis, "
+              "res_multistep (+ _cfg_pp, ancestral), gradient_estimation(_cfg_pp), er_sde, seeds_2, "
+              "seeds_3, sa_solver, sa_solver_pece, ddim, uni_pc, uni_pc_bh2")
+COMFY_SCHEDULERS = ("simple, sgm_uniform, karras, exponential, ddim_uniform, beta, normal, linear_quadratic, "
+                    "kl_optimal, plus AYS and GITS")
+
+
+def comfy_sampler_names() -> list[str]:
+    names = []
+    for item in re.split(r",\s*(?![^()]*\))", COMFY_LIST):
+        if item.startswith("res_multistep"):
+            names += ["res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+                      "res_multistep_ancestral_cfg_pp"]
+            continue
+        m = re.fullmatch(r"(\w+?)\((_\w+)\)", item)
+        names += [m.group(1), m.group(1) + m.group(2)] if m else [item]
+    return names
+
+
+def test_the_list_parses_to_comfyui_names():
+    names = comfy_sampler_names()
+    assert len(names) == len(set(names)) == 38
+    assert {"euler_ancestral_cfg_pp", "dpmpp_2m_sde_heun", "uni_pc_bh2", "dpm_2_ancestral"} <= set(names)
+
+
+def test_every_comfyui_name_resolves():
+    ids = {sampling.resolve(n, "karras")[0] for n in comfy_sampler_names()}
+    assert ids <= set(sampling.SAMPLERS)
+    model = sampling.DiscreteModel(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedulers = COMFY_SCHEDULERS.replace("plus ", "").replace(" and ", ", ").split(", ")
+    for name in schedulers:
+        sigmas = sampling.get_sigmas(name, 10, model)
+        assert sigmas[-1] == 0 and np.all(np.diff(sigmas) < 0), name
+        assert sampling.resolve("euler", name)[1] in sampling.SCHEDULES
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    pipe = sdjax.load_pipeline(EMBEDDED)
+    cond, uncond = encode_prompts(pipe, ["a red circle on a blue background"], [""])
+    model = sampling.DiscreteModel.from_config(pipe.scheduler_config)
+    return pipe, cond, uncond, model
+
+
+class _Compiles:
+    """Counts XLA backend compilations while active."""
+
+    def __init__(self):
+        self.n = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event, duration, **kwargs):
+        if "backend_compile" in event:
+            self.n += 1
+
+
+@pytest.mark.slow
+def test_every_comfyui_sampler_runs_4_steps_on_the_tiny_model_without_recompiling(tiny):
+    """One jitted txt2img sampling function per sampler (the UNet's guided denoiser, the sampler's
+    scan, 4 steps of the "normal" schedule, 16x16 latents): seeds (noise and keys) and the CFG
+    scale are traced, so a second and third call with new ones compile nothing."""
+    pipe, cond, uncond, model = tiny
+    counter = _Compiles()
+    sigmas = jnp.asarray(sampling.get_sigmas("normal", 4, model))
+    unet_graph = pipe.unet.graphdef
+
+    def make(sampler_id):
+        @jax.jit
+        def run(unet_state, cond, uncond, cfg_scale, seeds):
+            keys = core.image_keys(seeds)
+            noise = jax.vmap(lambda k: jax.random.normal(k, (2, 2, 4)))(keys)
+            unet = jax.tree_util.Partial(lambda s, *a: __import__("flax").nnx.merge(unet_graph, s)(*a), unet_state)
+            denoise = core.guided_denoiser(model, unet, cond, uncond, cfg_scale)
+            return sampling.sample(sampler_id, denoise, noise * sigmas[0], sigmas, keys)
+        return run
+
+    outs = {}
+    for name in comfy_sampler_names():
+        sampler_id, _ = sampling.resolve(name)
+        run = make(sampler_id)
+        a = run(pipe.unet.state, cond, uncond, jnp.float32(7.0), jnp.asarray([1], jnp.int32))
+        before = counter.n
+        b = run(pipe.unet.state, cond, uncond, jnp.float32(3.0), jnp.asarray([2], jnp.int32))
+        c = run(pipe.unet.state, cond, uncond, jnp.float32(7.0), jnp.asarray([3], jnp.int32))
+        assert counter.n == before, f"{name} compiled again for a new seed or CFG scale"
+        assert all(np.isfinite(np.asarray(v)).all() for v in (a, b, c)), name
+        assert not np.allclose(a, b) and not np.allclose(a, c), name
+        outs[name] = np.asarray(a)
+    # CFG++ follows the unguided noise: it differs from its base sampler under guidance.
+    assert not np.allclose(outs["euler_cfg_pp"], outs["euler"], atol=1e-4)
+    assert not np.allclose(outs["dpmpp_2m_cfg_pp"], outs["dpmpp_2m"], atol=1e-4)
