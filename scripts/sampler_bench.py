@@ -45,8 +45,8 @@ FAMILIES = {
                    "res_multistep_ancestral", "euler_ancestral_cfg_pp", "dpmpp_2s_ancestral_cfg_pp",
                    "res_multistep_ancestral_cfg_pp", "dpmpp_2m_sde_heun", "ddim"],
 }
-FULL_SAMPLERS = ["euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ipndm", "deis", "unipc", "res_multistep",
-                 "gradient_estimation", "dpm_fast", "dpmpp_2m_cfg_pp", "euler_ancestral", "dpmpp_2m_sde"]
+FULL_SAMPLERS = ["euler", "heun", "lms", "dpmpp_2m", "ipndm", "deis", "unipc", "res_multistep",
+                 "gradient_estimation", "dpm_fast", "dpmpp_2m_cfg_pp", "euler_ancestral"]
 QUICK_SAMPLERS = ["euler", "dpmpp_2m"]
 EVALS_PER_STEP = {"heun": 2, "dpm_2": 2, "dpm_2_ancestral": 2, "dpmpp_2s_ancestral": 2, "dpmpp_sde": 2,
                   "seeds_2": 2, "sa_solver_pece": 2, "dpmpp_2s_ancestral_cfg_pp": 2, "seeds_3": 3, "heunpp2": 3}
