@@ -181,7 +181,7 @@ def brownian_point(key, t, t_lo, t_hi, shape, depth: int = 20):
     """W(t) of a Brownian motion on [t_lo, t_hi] with W(t_lo) = 0, a pure function of (key, t).
 
     The construction (a fixed dyadic Brownian tree, as torchsde's BrownianTree / k-diffusion's
-    BrownianTreeNoiseSampler, without their cache): W(t_hi) = sqrt(t_hi - t_lo) z_1; the value at
+    BrownianTreeNoiseSampler, without their cache): W(t_hi) = sqrt(t_hi - t_lo) z_0; the value at
     the midpoint m of a node [a, b] is the Brownian bridge draw
         W(m) = (W(a) + W(b)) / 2 + sqrt((b - a) / 4) z_n,
     with z_n = normal(fold_in(key, n)) for heap-numbered nodes (root 1, children 2n, 2n + 1).
@@ -192,7 +192,7 @@ def brownian_point(key, t, t_lo, t_hi, shape, depth: int = 20):
     of 1e-3 and more).
     """
     t = jnp.clip(t, t_lo, t_hi)
-    w_hi = jnp.sqrt(t_hi - t_lo) * jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.float32)
+    w_hi = jnp.sqrt(t_hi - t_lo) * jax.random.normal(jax.random.fold_in(key, 0), shape, jnp.float32)
 
     def level(_, carry):
         a, b, wa, wb, node = carry
