@@ -33,7 +33,8 @@ THEORY = {
 ODE_KNOBS = {"seeds_2": ({"eta": 0.0}, 2), "seeds_3": ({"eta": 0.0}, 3), "sa_solver": ({"eta": 0.0}, 4),
              "sa_solver_pece": ({"eta": 0.0}, 4)}
 # The 4th-order methods reach their asymptotic range later.
-STEPS = {"lms": [64, 128, 256], "ipndm_v": [64, 128, 256]}
+STEPS = {"lms": [64, 128, 256], "ipndm_v": [64, 128, 256], "sa_solver": [16, 32, 64],
+         "sa_solver_pece": [16, 32, 64]}
 ORDER_CASES = [(n, {}, o) for n, o in THEORY.items()] + [(n, k, o) for n, (k, o) in ODE_KNOBS.items()]
 
 
