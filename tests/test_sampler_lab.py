@@ -120,3 +120,17 @@ def test_every_comfyui_sampler_runs_4_steps_on_the_tiny_model_without_recompilin
     # CFG++ follows the unguided noise: it differs from its base sampler under guidance.
     assert not np.allclose(outs["euler_cfg_pp"], outs["euler"], atol=1e-4)
     assert not np.allclose(outs["dpmpp_2m_cfg_pp"], outs["dpmpp_2m"], atol=1e-4)
+
+
+def test_new_knobs_in_a_request():
+    """noise_type and the new samplers' knobs pass a Request; noise_type is traced as its index."""
+    from sdjax.pipeline.generator import _traced_knob
+    from sdjax.pipeline.request import Request, RequestError
+
+    r = Request("a", sampler="seeds_3", knobs={"noise_type": "brownian", "eta": 0.5, "s_noise": 0.9})
+    assert r.knobs["noise_type"] == "brownian"
+    Request("a", sampler="gradient_estimation", knobs={"ge_gamma": 2.5})
+    Request("a", sampler="dpm_adaptive", knobs={"rtol": 1e-3, "atol": 1e-3, "max_steps": 50})
+    assert int(_traced_knob("noise_type", "brownian")) == 1 and int(_traced_knob("noise_type", "gaussian")) == 0
+    with pytest.raises(RequestError, match="noise_type must be one of"):
+        Request("a", sampler="dpmpp_sde", knobs={"noise_type": "pink"})
