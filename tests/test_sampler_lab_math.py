@@ -40,7 +40,7 @@ ORDER_CASES = [(n, {}, o) for n, o in THEORY.items()] + [(n, k, o) for n, (k, o)
 
 def test_every_deterministic_sampler_has_a_theoretical_order():
     # dpm_adaptive chooses its own steps: tested on a tolerance below instead.
-    assert set(DETERMINISTIC_SAMPLERS) - {"dpm_adaptive"} == set(THEORY)
+    assert set(DETERMINISTIC_SAMPLERS) == set(THEORY)
 
 
 @pytest.mark.parametrize("name,knobs,order", ORDER_CASES, ids=[c[0] for c in ORDER_CASES])

@@ -372,10 +372,11 @@ SAMPLERS = {
     "sa_solver_pece": sde.sample_sa_solver_pece,
 }
 
-# Samplers that use no noise with their default knobs (an ODE solver); the rest need `key`.
+# Fixed-step samplers that use no noise with their default knobs (ODE solvers); the rest need
+# `key`, except dpm_adaptive, an ODE solver that picks its own steps.
 DETERMINISTIC_SAMPLERS = (
     "euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "plms", "ipndm", "ipndm_v", "unipc",
-    "unipc_bh2", "heunpp2", "deis", "dpm_fast", "dpm_adaptive", "euler_cfg_pp", "dpmpp_2m_cfg_pp",
+    "unipc_bh2", "heunpp2", "deis", "dpm_fast", "euler_cfg_pp", "dpmpp_2m_cfg_pp",
     "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
 )
 
