@@ -141,7 +141,7 @@ def test_unknown_schedule_lists_the_valid_ones():
 
 def test_not_implemented_and_contradictory_names():
     with pytest.raises(UnknownNameError, match="not implemented"):
-        resolve("DPM adaptive")
+        resolve("Restart")
     with pytest.raises(UnknownNameError, match="carries schedule"):
         resolve("DPM++ 2M Karras", "Exponential")
 

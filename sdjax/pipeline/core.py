@@ -146,7 +146,7 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
 
     base = sampling.make_denoiser(model, network, timestep_mode=timestep_mode)
 
-    def denoise(x, sigma):
+    def denoise_pair(x, sigma):
         cond_, uncond_ = conditioning(sigma)
         b, s = cond_.shape[:2]
         context = jnp.concatenate([cond_.reshape((b * s,) + cond_.shape[2:]), uncond_], axis=0)
@@ -154,16 +154,17 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
         x0_cond = x0[:b * s].reshape((b, s) + x.shape[1:])
         x0_uncond = x0[b * s:]
         if weights is None and s == 1:
-            return sampling.cfg(x0_cond[:, 0], x0_uncond, cfg_scale)
+            return sampling.cfg(x0_cond[:, 0], x0_uncond, cfg_scale), x0_uncond
         w = jnp.ones((b, s), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
         scale = jnp.reshape(jnp.asarray(cfg_scale, jnp.float32), (-1,) + (1,) * (x.ndim - 1))
         guided = x0_uncond
         for j in range(s):  # A1111's CFGDenoiser.combine_denoised, one sub-prompt after another
             factor = w[:, j].reshape((b,) + (1,) * (x.ndim - 1)) * scale
             guided = guided + (x0_cond[:, j] - x0_uncond) * factor.astype(x.dtype)
-        return guided
+        return guided, x0_uncond
 
-    return denoise
+    # CFG++ samplers read the unguided x0 of the same batched call through `.with_uncond`.
+    return sampling.with_uncond(denoise_pair)
 
 
 def added_rows(added: tuple | None, n_cond: int) -> dict:
@@ -313,8 +314,11 @@ def build(unet_graph, vae_graph, model: sampling.DiscreteModel, spec: Spec, scal
             # prediction is the original latent, so those latents stay at the noised original.
             guided = denoise
 
-            def denoise(x, sigma):
-                return init * (1.0 - mask) + mask * guided(x, sigma)
+            def blended(x, sigma):
+                g, u = guided.with_uncond(x, sigma)
+                return init * (1.0 - mask) + mask * g, init * (1.0 - mask) + mask * u
+
+            denoise = sampling.with_uncond(blended)
 
         callback = _progress_callback if spec.progress else None
         latents = sampling.sample(spec.sampler, denoise, x, sigmas, inputs.keys, start=start,
@@ -341,11 +345,11 @@ def _with_refiner(base: Callable, model: sampling.DiscreteModel, refiner_unet, i
                              added=(inputs.refiner_pooled, inputs.refiner_uncond_pooled, inputs.refiner_time_ids,
                                     inputs.refiner_uncond_time_ids))
 
-    def denoise(x, sigma):
+    def denoise_pair(x, sigma):
         use_base = jnp.max(jnp.asarray(sigma, jnp.float32)) > inputs.switch_sigma
-        return jax.lax.cond(use_base, base, refine, x, sigma)
+        return jax.lax.cond(use_base, base.with_uncond, refine.with_uncond, x, sigma)
 
-    return denoise
+    return sampling.with_uncond(denoise_pair)  # (guided, unguided) for CFG++ samplers, as the base's
 
 
 def vae_dtype(vae_state) -> jnp.dtype:

@@ -310,7 +310,7 @@ class Generator:
         params_extra: dict[str, Any] = {}
         fields: dict[str, Any] = dict(
             cfg_scale=cfg, noise=noise, sigmas=jnp.asarray(sigmas), start=jnp.int32(start),
-            keys=keys, knobs={k: jnp.float32(v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
+            keys=keys, knobs={k: _traced_knob(k, v) for k, v in r.knobs.items() if k not in STATIC_KNOBS})
         refiner_static = None
         if pipe.family == "sd":
             if r.refiner is not None:
@@ -442,5 +442,13 @@ class Generator:
         return refiner.unet.graphdef
 
 
+def _traced_knob(name: str, value) -> jax.Array:
+    """A numeric sampler knob as a traced scalar; noise_type becomes its index (0 gaussian, 1 brownian)."""
+    if name == "noise_type":
+        return jnp.int32(sampling.NOISE_TYPES.index(value))
+    return jnp.float32(value)
+
+
 __all__ = ["GenerationResult", "Generator", "conditioning_fields", "discrete_model", "encode_prompts", "encode_texts",
            "finite_images", "img2img_start", "model_hash", "native_size"]
+

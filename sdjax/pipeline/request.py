@@ -145,8 +145,10 @@ def check_request(*, steps: Any = None, cfg_scale: Any = None, seed: Any = None,
 
 
 # Sampler knobs that choose code paths (static in the compiled function) and the numeric ones (traced).
-STATIC_KNOBS = ("order", "solver_type", "lower_order_final")
-NUMERIC_KNOBS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax", "r")
+STATIC_KNOBS = ("order", "solver_type", "lower_order_final", "max_order", "max_stage", "max_steps")
+# noise_type ("gaussian" / "brownian") is traced as its index in sampling.NOISE_TYPES.
+NUMERIC_KNOBS = ("eta", "s_noise", "s_churn", "s_tmin", "s_tmax", "r", "ge_gamma", "noise_type", "rtol",
+                 "atol", "h_init", "tau_sigma_min", "tau_sigma_max")
 TASKS = ("txt2img", "img2img", "inpaint")
 
 
@@ -289,6 +291,9 @@ class Request:
         bad = sorted(set(self.knobs) - {*NUMERIC_KNOBS, *STATIC_KNOBS})
         if bad:
             raise TaskError(f"unknown generation option(s) {bad}")
+        if "noise_type" in self.knobs and self.knobs["noise_type"] not in sampling.NOISE_TYPES:
+            raise RequestError(f"noise_type must be one of {sampling.NOISE_TYPES}, "
+                               f"not {self.knobs['noise_type']!r}")
         if self.batch_size is None:  # diffusers: a list of prompts is a batch of that many images
             n = len(self.prompt) if isinstance(self.prompt, (list, tuple)) else 1
             check_request(batch_size=n, seed=self.seed, subseed=self.subseed,

@@ -23,12 +23,16 @@ SAMPLERS: list[str] = [
     "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
     "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
     "dpmpp_3m_sde", "ddim", "ddpm", "ipndm", "ipndm_v", "plms", "unipc", "unipc_bh2", "lcm",
+    "heunpp2", "deis", "dpm_fast", "dpm_adaptive", "euler_cfg_pp", "euler_ancestral_cfg_pp",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_2m_cfg_pp", "res_multistep", "res_multistep_cfg_pp",
+    "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp", "gradient_estimation",
+    "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece",
 ]
 
 # Canonical schedule ids: the names `sdjax.sampling.get_sigmas` takes.
 SCHEDULES: list[str] = [
     "normal", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "simple",
-    "ddim_uniform", "beta", "kl_optimal", "align_your_steps",
+    "ddim_uniform", "beta", "kl_optimal", "align_your_steps", "linear_quadratic", "gits",
 ]
 
 # A1111 1.9 display labels; the first label of each id is the one written to infotext.
@@ -53,6 +57,26 @@ _SAMPLER_LABELS: dict[str, list[str]] = {
     "unipc": ["UniPC", "uni_pc", "UniPCMultistepScheduler"],
     "unipc_bh2": ["UniPC BH2", "uni_pc_bh2"],
     "lcm": ["LCM", "LCMScheduler"],
+    "heunpp2": ["Heun++ 2", "Heunpp2"],
+    "deis": ["DEIS", "DEISMultistepScheduler"],
+    "dpm_fast": ["DPM fast", "k_dpm_fast"],
+    "dpm_adaptive": ["DPM adaptive", "k_dpm_ad", "k_dpm_adaptive"],
+    # A1111's "DDIM CFG++" is DDIM (eta 0) with CFG++; in sigma space DDIM is Euler.
+    "euler_cfg_pp": ["Euler CFG++", "DDIM CFG++"],
+    "euler_ancestral_cfg_pp": ["Euler a CFG++"],
+    "dpmpp_2s_ancestral_cfg_pp": ["DPM++ 2S a CFG++"],
+    "dpmpp_2m_cfg_pp": ["DPM++ 2M CFG++"],
+    "res_multistep": ["Res Multistep", "RES multistep"],
+    "res_multistep_cfg_pp": ["Res Multistep CFG++"],
+    "res_multistep_ancestral": ["Res Multistep a"],
+    "res_multistep_ancestral_cfg_pp": ["Res Multistep a CFG++"],
+    "gradient_estimation": ["Gradient Estimation"],
+    "gradient_estimation_cfg_pp": ["Gradient Estimation CFG++"],
+    "er_sde": ["ER SDE", "ER-SDE"],
+    "seeds_2": ["SEEDS 2"],
+    "seeds_3": ["SEEDS 3"],
+    "sa_solver": ["SA-Solver", "SA Solver"],
+    "sa_solver_pece": ["SA-Solver PECE", "SA Solver PECE"],
 }
 
 _SCHEDULE_LABELS: dict[str, list[str]] = {
@@ -67,6 +91,8 @@ _SCHEDULE_LABELS: dict[str, list[str]] = {
     "beta": ["Beta"],
     "kl_optimal": ["KL Optimal"],
     "align_your_steps": ["Align Your Steps", "AYS"],
+    "linear_quadratic": ["Linear Quadratic"],
+    "gits": ["GITS", "GITSScheduler"],
 }
 
 _AUTOMATIC = "automatic"
@@ -83,8 +109,7 @@ DEFAULT_SCHEDULE: dict[str, str] = {
 }
 
 # Names users will try that sdjax knowingly does not implement: a clearer error than "unknown".
-_NOT_IMPLEMENTED = ["DPM fast", "DPM adaptive", "Restart", "heunpp2", "deis", "res_multistep",
-                    "euler_cfg_pp", "euler_ancestral_cfg_pp", "DDIM CFG++", "dpmpp_2m_cfg_pp"]
+_NOT_IMPLEMENTED = ["Restart"]
 
 
 def _key(name: str) -> str:

@@ -3,7 +3,10 @@
 The math follows k-diffusion's `sampling.py` (K. Crowson) and ComfyUI's copy of it, after
 Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models";
 Lu et al. 2022, "DPM-Solver++"; Zhao et al. 2023, "UniPC"; Liu et al. 2022, "PNDM";
-Song et al. 2021, "DDIM"; Ho et al. 2020, "DDPM"; Luo et al. 2023, "LCM".
+Song et al. 2021, "DDIM"; Ho et al. 2020, "DDPM"; Luo et al. 2023, "LCM". The other families
+live in samplers_multistep.py (LMS, DPM++ 2M/3M, PLMS, iPNDM, DEIS, UniPC), samplers_cfgpp.py
+(CFG++, RES multistep, gradient estimation), samplers_sde.py (ER-SDE, SEEDS, SA-Solver) and
+samplers_adaptive.py (DPM-Solver fast / adaptive).
 
 Every sampler has the signature
     fn(denoise, x_init, sigmas, key=None, *, callback=None, **knobs) -> x
@@ -15,7 +18,8 @@ Every sampler has the signature
   fold_in(key[b], i) (see `step_noise`), so an image never depends on its batch. Only the
   stochastic samplers need it.
 - numeric knobs (eta, s_noise, s_churn, ...) may be traced; knobs that pick code paths
-  (solver_type, order) are static Python values.
+  (solver_type, order) are static Python values. `noise_type` ("gaussian" or "brownian", or a
+  traced 0/1) picks the SDE noise of the stochastic samplers (`sampler_utils.make_noise`).
 - `callback(i, x, x0_pred, sigma)`: optional host callback, called once per step.
 """
 
@@ -28,7 +32,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from sdjax.sampling import samplers_adaptive as adaptive
+from sdjax.sampling import samplers_cfgpp as cfgpp
 from sdjax.sampling import samplers_multistep as ms
+from sdjax.sampling import samplers_sde as sde
 from sdjax.sampling.sampler_utils import (
     active_steps,
     from_step,
@@ -37,6 +44,7 @@ from sdjax.sampling.sampler_utils import (
     emit,
     is_literal_zero,
     log_sigma,
+    make_noise,
     require_keys,
     run,
     setup,
@@ -99,10 +107,12 @@ sample_euler = _churned(
     "euler", None, "Euler steps of the probability-flow ODE (Karras et al. Algorithm 2 with Euler steps).")
 
 
-def sample_euler_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
+def sample_euler_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0,
+                           noise_type="gaussian"):
     """Ancestral sampling with Euler steps: to sigma_down, then fresh noise of std sigma_up."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "euler_ancestral")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
@@ -110,7 +120,7 @@ def sample_euler_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, 
         emit(callback, i, x, x0_pred, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         x = x + to_d(x, sigma, x0_pred) * (sigma_down - sigma)
-        noise = step_noise(keys, i, x.shape[1:], x.dtype)
+        noise = noise_at(i, sigma, sigma_next)
         return x + jnp.where(sigma_next > 0, noise * s_noise * sigma_up, 0.0)
 
     return run(step, x, sigmas).astype(x_init.dtype)
@@ -158,10 +168,52 @@ sample_dpm_2 = _churned(
     "dpm_2", _midpoint, "DPM-Solver-2 style midpoint steps; midpoint = geometric mean of sigma_hat, sigma_next.")
 
 
-def sample_dpm_2_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
+def sample_heunpp2(denoise, x_init, sigmas, key=None, *, callback=None,
+                   s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun++ (ComfyUI's sample_heunpp2, from Carzit/sd-webui-samplers-scheduler): Heun with a
+    third evaluation at sigma_{i+2}, the slopes weighted by sigma_{i+1} / (3 sigma_0) and
+    sigma_{i+2} / (3 sigma_0); Heun with weight sigma_{i+1} / (2 sigma_0) for the second-last
+    step, Euler for the last. Up to 3 evaluations per step; the weights make it 1st order."""
+    x, sigmas, model, _ = setup(denoise, x_init, sigmas)
+    keys = _churn_keys(key, x, s_churn, "heunpp2")
+    n = active_steps(sigmas)
+    s_end, last = sigmas[-1], sigmas.shape[0] - 1
+
+    def step(x, inp):
+        i, sigma_next = inp["i"], inp["sigma_next"]
+        x, sigma_hat = _churn(x, i, inp["sigma"], n, keys, s_churn, s_tmin, s_tmax, s_noise)
+        x0_pred = model(x, sigma_hat)
+        emit(callback, i, x, x0_pred, sigma_hat)
+        d = to_d(x, sigma_hat, x0_pred)
+        dt = sigma_next - sigma_hat
+        sigma_2 = sigmas[jnp.minimum(i + 2, last)]
+
+        def heun():
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
+            w2 = sigma_next / (2 * sigmas[0])
+            return x + (d * (1 - w2) + d_2 * w2) * dt
+
+        def heunpp():
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
+            x_3 = x_2 + d_2 * (sigma_2 - sigma_next)
+            d_3 = to_d(x_3, sigma_2, model(x_3, sigma_2))
+            w2, w3 = sigma_next / (3 * sigmas[0]), sigma_2 / (3 * sigmas[0])
+            return x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+
+        branch = jnp.where(sigma_next == s_end, 0, jnp.where(sigma_2 == s_end, 1, 2))
+        return jax.lax.switch(branch, [lambda: x + d * dt, heun, heunpp])
+
+    return run(step, x, sigmas).astype(x_init.dtype)
+
+
+def sample_dpm_2_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0,
+                           noise_type="gaussian"):
     """Ancestral sampling with DPM-Solver-2 midpoint steps to sigma_down."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "dpm_2_ancestral")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
@@ -169,7 +221,7 @@ def sample_dpm_2_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, 
         emit(callback, i, x, x0_pred, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         d = to_d(x, sigma, x0_pred)
-        noise = step_noise(keys, i, x.shape[1:], x.dtype)
+        noise = noise_at(i, sigma, sigma_next)
         return jax.lax.cond(
             sigma_down == 0,
             lambda: x + d * (sigma_down - sigma),
@@ -179,10 +231,12 @@ def sample_dpm_2_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, 
     return run(step, x, sigmas).astype(x_init.dtype)
 
 
-def sample_dpmpp_2s_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
+def sample_dpmpp_2s_ancestral(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0,
+                              noise_type="gaussian"):
     """Ancestral sampling with DPM-Solver++(2S) second-order single steps."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "dpmpp_2s_ancestral")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
@@ -201,13 +255,14 @@ def sample_dpmpp_2s_ancestral(denoise, x_init, sigmas, key=None, *, callback=Non
         x = jax.lax.cond(
             sigma_down == 0, lambda: x + to_d(x, sigma, x0_pred) * (sigma_down - sigma), dpmpp_2s
         )
-        noise = step_noise(keys, i, x.shape[1:], x.dtype)
+        noise = noise_at(i, sigma, sigma_next)
         return x + jnp.where(sigma_next > 0, noise * s_noise * sigma_up, 0.0)
 
     return run(step, x, sigmas).astype(x_init.dtype)
 
 
-def sample_dpmpp_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0, r=0.5):
+def sample_dpmpp_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0, r=0.5,
+                     noise_type="gaussian"):
     """DPM-Solver++ (stochastic, 2 evaluations per step), k-diffusion's `sample_dpmpp_sde`.
 
     k-diffusion draws the two sub-step noises from a torchsde Brownian tree over sigma. Here
@@ -216,16 +271,21 @@ def sample_dpmpp_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.
     increment over [sigma, sigma_next], which contains that first one. That is the joint law
     of a Brownian tree's answers (increments over disjoint steps are independent), so the
     sampler is the same in distribution, but not the same numbers for a given seed.
+    noise_type="brownian" draws z1, z2 as the normalised increments of one Brownian path per image
+    over [sigma_s, sigma] and [sigma_next, sigma_s] (`make_noise`); the same combination then
+    gives that path's increment over the whole step.
     """
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "dpmpp_sde")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
         x0_pred = model(x, sigma)
         emit(callback, i, x, x0_pred, sigma)
-        z1 = step_noise(keys, i, x.shape[1:], x.dtype, stream=0)
-        z2 = step_noise(keys, i, x.shape[1:], x.dtype, stream=1)
+        sigma_s = jnp.exp(log_sigma(sigma) + r * (log_sigma(sigma_next) - log_sigma(sigma)))
+        z1 = noise_at(i, sigma, sigma_s, 0)
+        z2 = noise_at(i, sigma_s, sigma_next, 1)
 
         def sde():
             t, t_next = -log_sigma(sigma), -log_sigma(sigma_next)
@@ -291,12 +351,33 @@ SAMPLERS = {
     "unipc": ms.sample_unipc,
     "unipc_bh2": functools.partial(ms.sample_unipc, solver_type="bh2"),
     "lcm": sample_lcm,
+    "heunpp2": sample_heunpp2,
+    "deis": ms.sample_deis,
+    "dpm_fast": adaptive.sample_dpm_fast,
+    "dpm_adaptive": adaptive.sample_dpm_adaptive,
+    "euler_cfg_pp": cfgpp.sample_euler_cfg_pp,
+    "euler_ancestral_cfg_pp": cfgpp.sample_euler_ancestral_cfg_pp,
+    "dpmpp_2s_ancestral_cfg_pp": cfgpp.sample_dpmpp_2s_ancestral_cfg_pp,
+    "dpmpp_2m_cfg_pp": cfgpp.sample_dpmpp_2m_cfg_pp,
+    "res_multistep": cfgpp.sample_res_multistep,
+    "res_multistep_cfg_pp": cfgpp.sample_res_multistep_cfg_pp,
+    "res_multistep_ancestral": cfgpp.sample_res_multistep_ancestral,
+    "res_multistep_ancestral_cfg_pp": cfgpp.sample_res_multistep_ancestral_cfg_pp,
+    "gradient_estimation": cfgpp.sample_gradient_estimation,
+    "gradient_estimation_cfg_pp": cfgpp.sample_gradient_estimation_cfg_pp,
+    "er_sde": sde.sample_er_sde,
+    "seeds_2": sde.sample_seeds_2,
+    "seeds_3": sde.sample_seeds_3,
+    "sa_solver": sde.sample_sa_solver,
+    "sa_solver_pece": sde.sample_sa_solver_pece,
 }
 
-# Samplers that use no noise with their default knobs (an ODE solver); the rest need `key`.
+# Fixed-step samplers that use no noise with their default knobs (ODE solvers); the rest need
+# `key`, except dpm_adaptive, an ODE solver that picks its own steps.
 DETERMINISTIC_SAMPLERS = (
     "euler", "heun", "dpm_2", "lms", "dpmpp_2m", "ddim", "plms", "ipndm", "ipndm_v", "unipc",
-    "unipc_bh2",
+    "unipc_bh2", "heunpp2", "deis", "dpm_fast", "euler_cfg_pp", "dpmpp_2m_cfg_pp",
+    "res_multistep", "res_multistep_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp",
 )
 
 
@@ -308,7 +389,8 @@ def sample(name: str, denoise, x_init, sigmas, key=None, *, start=None, callback
     normally ending in 0; key a typed key array (B,) (None is fine for deterministic
     samplers); callback(i, x, x0_pred, sigma) an optional host callback; knobs are the
     sampler's keyword arguments (eta, s_noise, s_churn, s_tmin, s_tmax, r, order, ...).
-    `start` (int, may be traced, 0 <= start < steps): begin at sigmas[start] -- the result
+    `dpm_fast` and `dpm_adaptive` use only the schedule's ends and return the sample at its last
+    positive sigma (as ComfyUI). `start` (int, may be traced, 0 <= start < steps): begin at sigmas[start] -- the result
     equals running on sigmas[start:], at the shape of the full schedule, so a changed start
     (img2img strength) does not recompile. x_init must then be at sigmas[start].
     Unknown names or knobs raise ValueError listing the valid ones.

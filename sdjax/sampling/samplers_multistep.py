@@ -16,10 +16,10 @@ from sdjax.sampling.sampler_utils import (
     as_keys,
     emit,
     log_sigma,
+    make_noise,
     require_keys,
     run,
     setup,
-    step_noise,
     to_d,
 )
 
@@ -36,16 +36,24 @@ def _select(order, candidates):
     return out
 
 
-def _lms_coeffs(sigmas, i, order: int):
-    """LMS weights (order,) for step i: integrals over [sigma_i, sigma_{i+1}] of the
-    Lagrange basis on the nodes sigma_i, sigma_{i-1}, ...; zero beyond the current order."""
+_GL8_NODES, _GL8_WEIGHTS = (np.asarray(a, np.float64) for a in np.polynomial.legendre.leggauss(8))
+
+
+def _lms_coeffs(sigmas, i, order: int, warp=None):
+    """LMS weights (order,) for step i: integrals over sigma in [sigma_i, sigma_{i+1}] of the
+    Lagrange basis on the nodes sigma_i, sigma_{i-1}, ...; zero beyond the current order.
+    With `warp`, the basis is on warp(sigma) (DEIS interpolates in its VP time), integrated by
+    8-point Gauss-Legendre."""
     t_i, t_next = sigmas[i], sigmas[i + 1]
     k = jnp.arange(order, dtype=jnp.asarray(i).dtype)  # i is int64 under x64
     # Nodes before the start do not exist yet; distinct stand-ins keep the unused orders finite.
     nodes = jnp.where(k <= i, sigmas[jnp.maximum(i - k, 0)], t_i + 1.0 + k.astype(sigmas.dtype))
     half = (t_next - t_i) / 2
-    taus = t_i + half * (jnp.asarray(_GL_NODES, sigmas.dtype) + 1)
-    weights = jnp.asarray(_GL_WEIGHTS, sigmas.dtype) * half
+    gl_nodes, gl_weights = (_GL_NODES, _GL_WEIGHTS) if warp is None else (_GL8_NODES, _GL8_WEIGHTS)
+    taus = t_i + half * (jnp.asarray(gl_nodes, sigmas.dtype) + 1)
+    weights = jnp.asarray(gl_weights, sigmas.dtype) * half
+    if warp is not None:
+        nodes, taus = warp(nodes), warp(taus)
     per_order = []
     for p in range(1, order + 1):
         row = []
@@ -97,7 +105,7 @@ def sample_dpmpp_2m(denoise, x_init, sigmas, key=None, *, callback=None):
 
 
 def sample_dpmpp_2m_sde(denoise, x_init, sigmas, key=None, *, callback=None,
-                        eta=1.0, s_noise=1.0, solver_type: str = "midpoint"):
+                        eta=1.0, s_noise=1.0, solver_type: str = "midpoint", noise_type="gaussian"):
     """DPM-Solver++(2M) SDE; solver_type "midpoint" or "heun" for the 2nd-order correction.
 
     k-diffusion draws its noise from a Brownian tree; per step that is one standard normal
@@ -107,6 +115,7 @@ def sample_dpmpp_2m_sde(denoise, x_init, sigmas, key=None, *, callback=None,
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "dpmpp_2m_sde")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(carry, inp):
         x, old_x0 = carry
@@ -123,17 +132,19 @@ def sample_dpmpp_2m_sde(denoise, x_init, sigmas, key=None, *, callback=None,
         else:
             coef = -0.5 * jnp.expm1(-h - eta_h)
         x_sde = x_sde + jnp.where(i > 0, coef / r, 0.0) * (x0_pred - old_x0)
-        noise = step_noise(keys, i, x.shape[1:], x.dtype)
+        noise = noise_at(i, sigma, sigma_next)
         x_sde = x_sde + noise * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
         return jnp.where(sigma_next == 0, x0_pred, x_sde), x0_pred
 
     return run(step, (x, jnp.zeros_like(x)), sigmas)[0].astype(x_init.dtype)
 
 
-def sample_dpmpp_3m_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0):
+def sample_dpmpp_3m_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta=1.0, s_noise=1.0,
+                        noise_type="gaussian"):
     """DPM-Solver++(3M) SDE (k-diffusion / ComfyUI), warm-up with orders 1 and 2."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
     keys = require_keys(as_keys(key, x.shape[0]), "dpmpp_3m_sde")
+    noise_at = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
 
     def step(carry, inp):
         x, x0_1, x0_2 = carry
@@ -156,7 +167,7 @@ def sample_dpmpp_3m_sde(denoise, x_init, sigmas, key=None, *, callback=None, eta
         corr3 = phi_2 * d1 - phi_3 * d2
         corr2 = phi_2 * d1_0  # second order (i == 1)
         x_new = x_new + _select(jnp.minimum(i + 1, 3), [jnp.zeros_like(x), corr2, corr3])
-        noise = step_noise(keys, i, x.shape[1:], x.dtype)
+        noise = noise_at(i, sigma, sigma_next)
         x_new = x_new + noise * sigma_next * jnp.sqrt(-jnp.expm1(-2 * h * eta)) * s_noise
         return jnp.where(sigma_next == 0, x0_pred, x_new), x0_pred, x0_1
 
@@ -252,6 +263,41 @@ def sample_ipndm_v(denoise, x_init, sigmas, key=None, *, callback=None):
     2, 3, 4, and the step to sigma = 0 returns x0_pred. It equals `sample_lms` except for that
     last step (LMS extrapolates its slopes to 0), and `sample_ipndm` on uniform steps."""
     return _pseudo_multistep(denoise, x_init, sigmas, callback, _ab_variable, heun_start=False, denoise_to_zero=True)
+
+
+# DEIS's time: the VP diffusion time of an EDM sigma, with ComfyUI's (zju-pi/diff-sampler's)
+# edm2t constants sigma_min = 0.002, sigma_max = 80, epsilon_s = 1e-3.
+_DEIS_BETA_D = 2 * (np.log(0.002**2 + 1) / 1e-3 - np.log(80.0**2 + 1)) / (1e-3 - 1)
+_DEIS_BETA_MIN = np.log(80.0**2 + 1) - 0.5 * _DEIS_BETA_D
+
+
+def deis_time(sigma):
+    """VP time t(sigma) = (sqrt(beta_min^2 + 2 beta_d log(sigma^2 + 1)) - beta_min) / beta_d."""
+    return (jnp.sqrt(_DEIS_BETA_MIN**2 + 2 * _DEIS_BETA_D * jnp.log1p(sigma**2)) - _DEIS_BETA_MIN) / _DEIS_BETA_D
+
+
+def sample_deis(denoise, x_init, sigmas, key=None, *, callback=None, max_order: int = 3):
+    """DEIS, time-quadratic-free "tAB" variant (Zhang & Chen 2023, "Fast Sampling of Diffusion
+    Models with Exponential Integrator", arXiv:2204.13902), as ComfyUI's sample_deis: Adams-
+    Bashforth on eps = dx/dsigma with the Lagrange basis in VP time t(sigma) (`deis_time`),
+    integrated over sigma. Euler first step; orders up to max_order (<= 4); the step to 0 is
+    Euler (returns x0_pred)."""
+    if max_order not in (1, 2, 3, 4):
+        raise ValueError(f"DEIS max_order must be 1..4, got {max_order}")
+    x, sigmas, model, _ = setup(denoise, x_init, sigmas)
+
+    def step(carry, inp):
+        x, ds = carry
+        i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
+        x0_pred = model(x, sigma)
+        emit(callback, i, x, x0_pred, sigma)
+        ds = jnp.concatenate([to_d(x, sigma, x0_pred)[None], ds[:-1]])
+        coeffs = _lms_coeffs(sigmas, i, max_order, warp=deis_time).astype(x.dtype)
+        x_ab = x + jnp.tensordot(coeffs, ds, axes=1)
+        return jnp.where(sigma_next == 0, x0_pred, x_ab), ds
+
+    history = jnp.zeros((max_order,) + x.shape, x.dtype)
+    return run(step, (x, history), sigmas)[0].astype(x_init.dtype)
 
 
 def _unipc_b(hh, order: int, solver_type: str):

@@ -21,6 +21,7 @@ import numpy as np
 
 from sdjax.errors import ConfigError
 from sdjax.sampling import names
+from sdjax.sampling.gits_table import GITS_TABLE
 
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -309,6 +310,36 @@ def align_your_steps(steps, family="sd15"):
     return _append_zero(table[:-1])
 
 
+def linear_quadratic(steps, sigma_max, threshold_noise=0.025, linear_steps=None):
+    """Linear in (1 - sigma / sigma_max) up to threshold_noise over the first linear_steps
+    (default steps // 2), quadratic after (Genmo's Mochi schedule; ComfyUI "linear_quadratic")."""
+    if steps == 1:
+        schedule = [1.0, 0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        linear = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic_steps = steps - linear_steps
+        quad_coef = step_diff / (linear_steps * quadratic_steps**2)
+        lin_coef = threshold_noise / linear_steps - 2 * step_diff / quadratic_steps**2
+        const = quad_coef * linear_steps**2
+        quadratic = [quad_coef * i**2 + lin_coef * i + const for i in range(linear_steps, steps)]
+        schedule = [1.0 - v for v in linear + quadratic + [1.0]]
+    return (np.asarray(schedule, np.float64) * sigma_max).astype(np.float32)
+
+
+def gits(steps):
+    """GITS table for `steps` (2..20), else the 20-step table log-linearly interpolated to
+    steps + 1 points (ComfyUI's GITSScheduler); the last value set to 0."""
+    if 2 <= steps <= 20:
+        table = np.asarray(GITS_TABLE[steps - 2], np.float64)
+    else:
+        last = np.asarray(GITS_TABLE[-1], np.float64)
+        xs = np.linspace(0.0, 1.0, len(last))
+        table = np.exp(np.interp(np.linspace(0.0, 1.0, steps + 1), xs, np.log(last[::-1])))[::-1]
+    return _append_zero(table[:-1])
+
+
 def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float | None = None,
                sigma_max: float | None = None, rho: float | None = None, ays_family: str = "sd15",
                alpha: float = 0.6, beta_param: float = 0.6) -> np.ndarray:
@@ -318,7 +349,8 @@ def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float 
     many steps, which follow ComfyUI/A1111 (see those functions); a sampler runs len - 1 steps.
     `name`: a schedule id of `names.SCHEDULES` or any alias (`names.schedule_id`).
     sigma_min / sigma_max default to the model's (as A1111); used by karras, exponential,
-    polyexponential, normal, sgm_uniform, kl_optimal. rho: karras (default 7), polyexponential
+    polyexponential, normal, sgm_uniform, kl_optimal, linear_quadratic (sigma_max only).
+    "gits" and "align_your_steps" are SD-family tables (SD1.5's sigma range). rho: karras (default 7), polyexponential
     (default 1). ays_family: "sd15" or "sdxl" table for align_your_steps. alpha, beta_param:
     the Beta distribution of "beta".
     """
@@ -348,6 +380,10 @@ def get_sigmas(name: str, steps: int, model: DiscreteModel, *, sigma_min: float 
         return beta(steps, model, alpha, beta_param)
     if schedule == "kl_optimal":
         return kl_optimal(steps, smin, smax)
+    if schedule == "linear_quadratic":
+        return linear_quadratic(steps, smax)
+    if schedule == "gits":
+        return gits(steps)
     return align_your_steps(steps, ays_family)
 
 
