@@ -72,13 +72,16 @@ def _ancestral_target(solver, t, t_next, t_end, eta):
 
 def sample_dpm_fast(denoise, x_init, sigmas, key=None, *, callback=None, eta=0.0, s_noise=1.0,
                     noise_type="gaussian"):
-    """DPM-Solver-fast: NFE = len(sigmas) - 1 evaluations in floor(NFE / 3) + 1 uniform steps in t
-    (orders 3, ..., 3 and then NFE mod 3, or 2, 1 when 3 divides NFE). eta > 0 adds ancestral
-    noise (needs `key`). Returns the sample at the last positive sigma."""
+    """DPM-Solver-fast: NFE = the schedule's steps (len(sigmas) - 1, as ComfyUI's total_steps)
+    evaluations in floor(NFE / 3) + 1 uniform steps in t (orders 3, ..., 3 and then NFE mod 3, or
+    2, 1 when 3 divides NFE). eta > 0 adds ancestral noise (needs `key`). Returns the sample at
+    the last positive sigma. The step count is read from the schedule at run time (the
+    zero-length steps `from_step` pads with are not counted), so img2img's traced start changes
+    the NFE without a recompile; the scan runs the full schedule's count, idle past the end."""
     x, sigmas, model, _ = setup(denoise, x_init, sigmas)
-    nfe = sigmas.shape[0] - 1  # static, as ComfyUI's total_steps
+    nfe = jnp.sum(sigmas[:-1] > sigmas[1:]).astype(jnp.int32)
     m = nfe // 3 + 1
-    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    max_m = (sigmas.shape[0] - 1) // 3 + 1  # static: the scan's length
     stochastic = not is_literal_zero(eta)
     noise = None
     if stochastic:
@@ -86,11 +89,15 @@ def sample_dpm_fast(denoise, x_init, sigmas, key=None, *, callback=None, eta=0.0
         noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
     solver = _Solver(model)
     t_start, t_end = _ends(sigmas)
-    ts = t_start + (t_end - t_start) * jnp.linspace(0.0, 1.0, m + 1, dtype=x.dtype)
 
-    def body(x, inp):
-        i, order = inp
-        t, t_next = ts[i], ts[i + 1]
+    def order_of(i):
+        last = jnp.where(nfe % 3 == 0, jnp.where(i == m - 1, 1, jnp.where(i == m - 2, 2, 3)),
+                         jnp.where(i == m - 1, nfe % 3, 3))
+        return last.astype(jnp.int32)
+
+    def step(x, i):
+        t = t_start + (t_end - t_start) * (i / m).astype(x.dtype)
+        t_next = t_start + (t_end - t_start) * ((i + 1) / m).astype(x.dtype)
         if stochastic:
             t_next_, su = _ancestral_target(solver, t, t_next, t_end, eta)
         else:
@@ -100,12 +107,15 @@ def sample_dpm_fast(denoise, x_init, sigmas, key=None, *, callback=None, eta=0.0
         branches = [lambda: solver.step1(x, t, t_next_, eps),
                     lambda: solver.step2(x, t, t_next_, eps)[0],
                     lambda: solver.step3(x, t, t_next_, eps)]
-        x = jax.lax.switch(order - 1, branches)
+        x = jax.lax.switch(order_of(i) - 1, branches)
         if stochastic:
             x = x + su * s_noise * noise(i, solver.sigma(t), solver.sigma(t_next))
-        return x, None
+        return x
 
-    x, _ = jax.lax.scan(body, x, (jnp.arange(m), jnp.asarray(orders, jnp.int32)))
+    def body(x, i):
+        return jax.lax.cond(i < m, step, lambda x, i: x, x, i), None
+
+    x, _ = jax.lax.scan(body, x, jnp.arange(max_m, dtype=jnp.int32))
     return x.astype(x_init.dtype)
 
 
