@@ -197,12 +197,17 @@ def parse_caption(caption: str, config: SyntheticConfig = DEFAULT_CONFIG) -> dic
 
 
 def _score_known(predicted: dict, intended: dict) -> dict[str, bool | None]:
-    """`score`, with None for attributes the intended dict does not state (not counted)."""
-    result = dict(score(predicted, {**intended, "objects": [
-        {"position": None, **o} for o in intended["objects"]]}))
-    if any("position" not in o for o in intended["objects"]):
-        result["position"] = None
-        result["all"] = all(v for k, v in result.items() if k not in ("all", "position"))
+    """`score`, with None for what the intended dict does not state (not counted): the
+    background when it has no "background", size / position when an object lacks the key
+    (a prompt without a size or position asks for any)."""
+    objects = [{"position": None, "size": None, **o} for o in intended["objects"]]
+    result = dict(score(predicted, {"background": intended.get("background"), "objects": objects}))
+    if "background" not in intended:
+        result["background"] = None
+    for key in ("size", "position"):
+        if any(key not in o for o in intended["objects"]):
+            result[key] = None
+    result["all"] = all(v for k, v in result.items() if k != "all" and v is not None)
     return result
 
 
@@ -238,10 +243,11 @@ def evaluate(images, attributes: list[dict], splits: list[str] | None = None,
 
 def format_report(report: dict) -> str:
     """A fixed-width table of `evaluate`'s result, one row per split."""
-    lines = [f"{'split':<8}{'n':>6}" + "".join(f"{k:>12}" for k in REPORT_KEYS)]
+    width = max([8] + [len(g) + 1 for g in report])
+    lines = [f"{'split':<{width}}{'n':>6}" + "".join(f"{k:>12}" for k in REPORT_KEYS)]
     for group, row in report.items():
         cells = "".join(f"{'-' if row[k] is None else format(row[k], '.3f'):>12}" for k in REPORT_KEYS)
-        lines.append(f"{group:<8}{row['n']:>6}" + cells)
+        lines.append(f"{group:<{width}}{row['n']:>6}" + cells)
     return "\n".join(lines)
 
 
