@@ -101,6 +101,7 @@ def negative_prompt_effect(generate, n: int = 64, seed: int = 2, batch_size: int
     no longer X with the negative naming X ("moved_away") and with the control ("moved_control"),
     and the mean RGB distance of the part's new colour from X's palette colour with the negative
     and with the control (0 where it stayed X; `sdjax.data.analysis.analyze` finds the parts).
+    Prompts whose first image shows no shape are left out ("n" counts the rest).
     """
     import numpy as np
 
@@ -116,7 +117,10 @@ def negative_prompt_effect(generate, n: int = 64, seed: int = 2, batch_size: int
             prompts.append({"caption": phrased.caption, "seed": seed * 1_000_003 + 7919 * (part == "color") + i,
                             "attributes": attributes, "rng": rng})
         base = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [""] * n)]
-        picked = [b[part] or b["background"] for b in base]  # X: what the model drew
+        # X: what the model drew. Images without a shape are generated again (batches need
+        # consecutive seeds) but left out of the figures.
+        keep = [i for i, b in enumerate(base) if b[part] is not None]
+        picked = [b[part] or next(c for c in PALETTE if c != b["background"]) for b in base]
         others = []
         for p, b, x in zip(prompts, base, picked):
             choices = [c for c in PALETTE if c not in (x, b["background"], b["color"])]
@@ -124,13 +128,15 @@ def negative_prompt_effect(generate, n: int = 64, seed: int = 2, batch_size: int
         suffix = " background" if part == "background" else ""
         neg = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [x + suffix for x in picked])]
         ctl = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [y + suffix for y in others])]
+        prompts, base, picked, others, neg, ctl = ([seq[i] for i in keep]
+                                                  for seq in (prompts, base, picked, others, neg, ctl))
 
         def distance(result, x):
             rgb = np.asarray(PALETTE[result[part]] if result[part] else PALETTE[result["background"]], np.float32)
             return float(np.linalg.norm(rgb - np.asarray(PALETTE[x], np.float32)))
 
         report[part] = {
-            "n": n,
+            "n": len(prompts),
             "moved_away": float(np.mean([r[part] != x for r, x in zip(neg, picked)])),
             "moved_control": float(np.mean([r[part] != x for r, x in zip(ctl, picked)])),
             "distance_negative": float(np.mean([distance(r, x) for r, x in zip(neg, picked)])),
