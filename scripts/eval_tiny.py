@@ -38,8 +38,9 @@ from pathlib import Path
 from PIL import Image
 
 from sdjax import runtime
-from sdjax.data.analysis import analyze, evaluate, evaluation_prompts, format_report, parse_caption
-from sdjax.data.phrasing import FAMILIES, TRAIN_FRAMES, family_prompts, phrase
+from sdjax.data.analysis import (FAMILIES, analyze, evaluate, evaluation_prompts, family_prompts, format_report,
+                                 parse_caption, parse_prompt)
+from sdjax.data.phrasing import TRAIN_FRAMES, phrase
 from sdjax.data.synthetic import DEFAULT_CONFIG, SyntheticConfig
 
 
@@ -76,7 +77,7 @@ def _generate_all(generate, prompts: list[dict], batch_size: int, negatives: lis
 
 def evaluate_families(generate, n: int = 200, seed: int = 1, batch_size: int = 16,
                       families: tuple[str, ...] = FAMILIES, save_dir: str | Path | None = None) -> dict:
-    """Accuracy per phrasing family (`sdjax.data.phrasing.family_prompts`, n prompts each):
+    """Accuracy per phrasing family (`sdjax.data.analysis.family_prompts`, n prompts each):
     {"template": {"n", "background", "color", ...}, "paraphrase": {...}, "heldout": {...}}.
     Size is judged only where a prompt states it; every prompt states colour, background, position."""
     report = {}
@@ -199,7 +200,6 @@ def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
 def _renderer(config: SyntheticConfig):
     """The synthetic renderer as a generator: draws exactly what each caption asks for (what a
     free-form prompt leaves open: large, centred, red on blue, or the first other colour)."""
-    from sdjax.data.phrasing import parse_prompt
     from sdjax.data.synthetic import PALETTE, render
 
     def attributes(caption):

@@ -175,7 +175,7 @@ def readme_prompts() -> list[str]:
 
 
 def test_readme_prompts_are_found_and_read_by_the_evaluator():
-    from sdjax.data.phrasing import parse_prompt
+    from sdjax.data.analysis import parse_prompt
 
     prompts = readme_prompts()
     assert "a red circle on a blue background" in prompts and len(prompts) >= 4
@@ -190,8 +190,7 @@ def test_readme_prompts_make_what_they_say(pipes):
     """Each README prompt as txt2img (Euler, 20 steps, CFG 5, seeds 0-3), read back by the
     evaluator's pixel analysis: background, shape colour and any stated position or size on every
     seed; the shape (the model's weak point) on most seeds."""
-    from sdjax.data.analysis import analyze
-    from sdjax.data.phrasing import parse_prompt
+    from sdjax.data.analysis import analyze, parse_prompt
 
     _, pipe = pipes
     failures = []

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from sdjax.data.phrasing import (FAMILIES, HELDOUT_FRAMES, TRAIN_FRAMES, family_prompts, parse_prompt, phrase,
-                                 phrasing_vocabulary, stated_attributes)
+from sdjax.data.analysis import FAMILIES, family_prompts, parse_prompt, phrasing_vocabulary
+from sdjax.data.phrasing import HELDOUT_FRAMES, TRAIN_FRAMES, phrase, stated_attributes
 from sdjax.data.synthetic import PALETTE, SyntheticConfig, _draw_attributes, _rng, caption_for, sample
 
 VARIED = SyntheticConfig(captions="varied")

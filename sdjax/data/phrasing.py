@@ -24,7 +24,9 @@ training captions (tests/test_phrasing.py checks it), so they test word order, n
 vocabulary.
 
 Each phrased caption comes with what it states (`Phrased.stated`): the evaluator judges
-size and position only where the caption names them.
+size and position only where the caption names them. Reading a prompt back
+(`parse_prompt`) and the evaluation prompts by phrasing family (`family_prompts`) are in
+`sdjax.data.analysis`. This module imports nothing from sdjax (`synthetic` uses it).
 """
 
 from __future__ import annotations
@@ -166,109 +168,4 @@ def stated_attributes(attributes: dict, stated: dict) -> dict:
     out = {"objects": [o], **o}
     if stated.get("background", True):
         out["background"] = attributes["background"]
-    return out
-
-
-def phrasing_vocabulary(frames: tuple[str, ...], samples: int = 4000, seed: int = 0) -> set[str]:
-    """Every word (lower case, punctuation split off) of `samples` captions in `frames`."""
-    import re
-
-    from sdjax.data.synthetic import DEFAULT_CONFIG, _draw_attributes, _rng
-
-    words: set[str] = set()
-    for i in range(samples):
-        rng = _rng(seed, "train", i)
-        attributes = _draw_attributes(rng, DEFAULT_CONFIG, "train")
-        words.update(re.findall(r"[a-z]+|[^\sa-z]", phrase(attributes, rng, frames).caption.lower()))
-    return words
-
-
-# ---------------------------------------------------------------------------------
-# Reading a prompt back, and evaluation prompts by phrasing family.
-
-_COLOR_AFTER = ("against", "on")  # "against blue", "on blue": the background
-_NOUNS = {"circle": "circle", "square": "square", "box": "square", "triangle": "triangle", "dot": "circle"}
-_SIZES = {"small": "small", "large": "large", "big": "large"}
-_PLACES = {"top", "bottom", "left", "right", "center", "centered", "middle"}
-
-
-def parse_prompt(text: str) -> dict:
-    """The attributes a single-shape prompt states, in any phrasing `phrase` writes (and the
-    template): {"background"?, "objects": [{"shape", "color"?, "size"?, "position"?}], and the
-    object's keys at top level}. Unstated attributes are left out. Raises ValueError for a
-    prompt that names no shape, or several shapes or places it cannot tell apart.
-    """
-    import re
-
-    from sdjax.data.synthetic import PALETTE
-
-    words = re.findall(r"[a-z]+", text.lower())
-    nouns = [i for i, w in enumerate(words) if w in _NOUNS]
-    if len(nouns) != 1:
-        raise ValueError(f"prompt {text!r}: expected one shape word ({sorted(_NOUNS)}), found {len(nouns)}")
-    k = nouns[0]
-    obj = {"shape": _NOUNS[words[k]]}
-    if words[k] == "dot":
-        obj["size"] = "small"
-    background = None
-    for i, w in enumerate(words):
-        if w not in PALETTE:
-            continue
-        nxt = words[i + 1] if i + 1 < len(words) else ""
-        prev = [p for p in words[max(0, i - 2):i] if p not in ("a", "an")]
-        if nxt in ("background", "backdrop") or (prev and prev[-1] in _COLOR_AFTER and nxt not in _NOUNS
-                                                 and nxt not in _SIZES):
-            if background is not None and background != w:
-                raise ValueError(f"prompt {text!r}: two background colours")
-            background = w
-        elif "color" not in obj and k - 3 <= i < k:
-            obj["color"] = w
-        else:
-            raise ValueError(f"prompt {text!r}: cannot tell what {w!r} colours")
-    sizes = {_SIZES[w] for w in words if w in _SIZES}
-    if len(sizes) > 1 or (sizes and obj.get("size", next(iter(sizes))) not in sizes):
-        raise ValueError(f"prompt {text!r}: conflicting sizes")
-    if sizes:
-        obj["size"] = next(iter(sizes))
-    places = [w for w in words if w in _PLACES]
-    if places:
-        vertical = {w for w in places if w in ("top", "bottom")}
-        horizontal = {w for w in places if w in ("left", "right")}
-        if len(vertical) > 1 or len(horizontal) > 1 or (set(places) - vertical - horizontal and (vertical or horizontal)):
-            raise ValueError(f"prompt {text!r}: conflicting positions {places}")
-        obj["position"] = " ".join(sorted(vertical) + sorted(horizontal)) or "center"
-    out = {"objects": [obj], **obj}
-    if background is not None:
-        out["background"] = background
-    return out
-
-
-FAMILIES = ("template", "paraphrase", "heldout")
-
-
-def family_prompts(family: str, n: int, seed: int = 1) -> list[dict]:
-    """n evaluation prompts of one phrasing family, every one stating colour, background and position.
-
-    family: "template" (`caption_for`), "paraphrase" (the training frames) or "heldout"
-    (`HELDOUT_FRAMES`, never in training). Attributes come from the train split's
-    distribution at `seed` (the tiny model trains on seed 0). Each prompt: {"caption",
-    "attributes" (only what the caption states), "split": family, "frame", "seed"}; seeds are
-    consecutive, so a batch generated with the first one's seed gives each prompt its own.
-    """
-    from sdjax.data.synthetic import SPLITS, DEFAULT_CONFIG, _draw_attributes, _rng, caption_for
-
-    if family not in FAMILIES:
-        raise ValueError(f"family={family!r}: use one of {FAMILIES}")
-    out = []
-    for i in range(n):
-        attributes = _draw_attributes(_rng(seed, "train", i), DEFAULT_CONFIG, "train")
-        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS.index("train"), i, 2])))
-        if family == "template":
-            phrased = Phrased(caption_for(attributes), "template", dict.fromkeys(
-                ("background", "color", "shape", "size", "position"), True))
-        else:
-            phrased = phrase(attributes, rng, TRAIN_FRAMES if family == "paraphrase" else HELDOUT_FRAMES,
-                             p_position=1.0)
-        out.append({"caption": phrased.caption, "attributes": stated_attributes(attributes, phrased.stated),
-                    "split": family, "frame": phrased.frame, "seed": seed * 1_000_003 + 7919 * FAMILIES.index(family) + i})
     return out

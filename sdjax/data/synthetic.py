@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdjax.data.phrasing import TRAIN_FRAMES, phrase
+
 # Far apart in RGB on purpose: a tiny model and a nearest-colour classifier must
 # both tell them apart even after VAE blur.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -284,8 +286,6 @@ def _caption(attributes: dict, config: SyntheticConfig, seed: int, split: str, i
     """The caption of sample (seed, split, index): its own random stream, so images never change."""
     if config.captions == "template" or len(attributes["objects"]) != 1:
         return caption_for(attributes, config)
-    from sdjax.data.phrasing import TRAIN_FRAMES, phrase
-
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS.index(split), index, 1])))
     if rng.random() < config.template_fraction:
         return caption_for(attributes, config)
