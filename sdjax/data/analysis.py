@@ -273,6 +273,7 @@ def evaluation_prompts(n: int, seed: int = 0, config: SyntheticConfig = DEFAULT_
 # ---------------------------------------------------------------------------------
 # Prompts as people write them (`sdjax.data.phrasing`): read back, and evaluation by phrasing family.
 
+
 def phrasing_vocabulary(frames: tuple[str, ...], samples: int = 4000, seed: int = 0) -> set[str]:
     """Every word (lower case, punctuation split off) of `samples` captions in `frames`."""
     words: set[str] = set()
@@ -281,9 +282,6 @@ def phrasing_vocabulary(frames: tuple[str, ...], samples: int = 4000, seed: int 
         attributes = _draw_attributes(rng, DEFAULT_CONFIG, "train")
         words.update(re.findall(r"[a-z]+|[^\sa-z]", phrase(attributes, rng, frames).caption.lower()))
     return words
-
-
-
 
 
 _COLOR_AFTER = ("against", "on")  # "against blue", "on blue": the background
@@ -330,7 +328,8 @@ def parse_prompt(text: str) -> dict:
     if places:
         vertical = {w for w in places if w in ("top", "bottom")}
         horizontal = {w for w in places if w in ("left", "right")}
-        if len(vertical) > 1 or len(horizontal) > 1 or (set(places) - vertical - horizontal and (vertical or horizontal)):
+        centre = set(places) - vertical - horizontal
+        if len(vertical) > 1 or len(horizontal) > 1 or (centre and (vertical or horizontal)):
             raise ValueError(f"prompt {text!r}: conflicting positions {places}")
         obj["position"] = " ".join(sorted(vertical) + sorted(horizontal)) or "center"
     out = {"objects": [obj], **obj}
@@ -364,5 +363,6 @@ def family_prompts(family: str, n: int, seed: int = 1) -> list[dict]:
             phrased = phrase(attributes, rng, TRAIN_FRAMES if family == "paraphrase" else HELDOUT_FRAMES,
                              p_position=1.0)
         out.append({"caption": phrased.caption, "attributes": stated_attributes(attributes, phrased.stated),
-                    "split": family, "frame": phrased.frame, "seed": seed * 1_000_003 + 7919 * FAMILIES.index(family) + i})
+                    "split": family, "frame": phrased.frame,
+                    "seed": seed * 1_000_003 + 7919 * FAMILIES.index(family) + i})
     return out
