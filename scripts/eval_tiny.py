@@ -20,6 +20,10 @@ Three ways in:
   # 4. A self-check: the synthetic renderer itself as the generator (should print 1.000).
   python scripts/eval_tiny.py --self-check --n 64
 
+  # 5. By phrasing family (template / trained paraphrases / held-out phrasings, --n prompts
+  #    each, `sdjax.data.phrasing`), and what a negative prompt naming a colour does:
+  python scripts/eval_tiny.py --model embedded --families --n 200 --negative 64 --json out.json
+
 From Python: `evaluate_generator(fn, n, seed)` returns the report dict.
 """
 
@@ -34,7 +38,9 @@ from pathlib import Path
 from PIL import Image
 
 from sdjax import runtime
-from sdjax.data.analysis import evaluate, evaluation_prompts, format_report, parse_caption
+from sdjax.data.analysis import (FAMILIES, analyze, evaluate, evaluation_prompts, family_prompts, format_report,
+                                 parse_caption, parse_prompt)
+from sdjax.data.phrasing import TRAIN_FRAMES, phrase
 from sdjax.data.synthetic import DEFAULT_CONFIG, SyntheticConfig
 
 
@@ -52,6 +58,103 @@ def evaluate_generator(generate, n: int = 64, seed: int = 0, config: SyntheticCo
     if save_dir is not None:
         _save(Path(save_dir), images, prompts)
     return evaluate(images, [p["attributes"] for p in prompts], [p["split"] for p in prompts], config)
+
+
+def _generate_all(generate, prompts: list[dict], batch_size: int, negatives: list[str] | None = None) -> list:
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        args = ([p["caption"] for p in chunk], [p["seed"] for p in chunk])
+        if negatives is None:
+            out = list(generate(*args))
+        else:
+            out = list(generate(*args, negatives=negatives[start:start + batch_size]))
+        if len(out) != len(chunk):
+            raise ValueError(f"generator returned {len(out)} images for {len(chunk)} prompts")
+        images += out
+    return images
+
+
+def evaluate_families(generate, n: int = 200, seed: int = 1, batch_size: int = 16,
+                      families: tuple[str, ...] = FAMILIES, save_dir: str | Path | None = None) -> dict:
+    """Accuracy per phrasing family (`sdjax.data.analysis.family_prompts`, n prompts each):
+    {"template": {"n", "background", "color", ...}, "paraphrase": {...}, "heldout": {...}}.
+    Size is judged only where a prompt states it; every prompt states colour, background, position."""
+    report = {}
+    for family in families:
+        prompts = family_prompts(family, n, seed)
+        images = _generate_all(generate, prompts, batch_size)
+        if save_dir is not None:
+            _save(Path(save_dir) / family, images, prompts)
+        report.update(evaluate(images, [p["attributes"] for p in prompts], [family] * n))
+    return report
+
+
+def negative_prompt_effect(generate, n: int = 64, seed: int = 2, batch_size: int = 16) -> dict:
+    """Does a negative prompt naming a colour move the image away from it?
+
+    For the shape colour: n prompts that state shape, position and background but no shape
+    colour ("a circle at the left on a blue background"); each is generated three times at its
+    seed: with no negative prompt (the model picks a colour X), with the negative prompt "X",
+    and with a control negative naming another colour Y (neither X nor the background). Same
+    for the background: prompts without one ("a red circle at the left"), negatives "X
+    background" / "Y background". Reports, per part, the fraction of images whose colour is
+    no longer X with the negative naming X ("moved_away") and with the control ("moved_control"),
+    and the mean RGB distance of the part's new colour from X's palette colour with the negative
+    and with the control (0 where it stayed X; `sdjax.data.analysis.analyze` finds the parts).
+    Prompts whose first image shows no shape are left out ("n" counts the rest).
+    """
+    import numpy as np
+
+    from sdjax.data.synthetic import PALETTE, SPLITS, _draw_attributes, _rng
+
+    report = {}
+    for part, drop in (("color", {"p_color": 0.0}), ("background", {"p_background": 0.0})):
+        prompts = []
+        for i in range(n):
+            attributes = _draw_attributes(_rng(seed, "train", i), DEFAULT_CONFIG, "train")
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS.index("train"), i, 3])))
+            phrased = phrase(attributes, rng, TRAIN_FRAMES, p_position=1.0, **drop)
+            prompts.append({"caption": phrased.caption, "seed": seed * 1_000_003 + 7919 * (part == "color") + i,
+                            "attributes": attributes, "rng": rng})
+        base = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [""] * n)]
+        # X: what the model drew. Images without a shape are generated again (batches need
+        # consecutive seeds) but left out of the figures.
+        keep = [i for i, b in enumerate(base) if b[part] is not None]
+        picked = [b[part] or next(c for c in PALETTE if c != b["background"]) for b in base]
+        others = []
+        for p, b, x in zip(prompts, base, picked):
+            choices = [c for c in PALETTE if c not in (x, b["background"], b["color"])]
+            others.append(choices[int(p["rng"].integers(len(choices)))])
+        suffix = " background" if part == "background" else ""
+        neg = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [x + suffix for x in picked])]
+        ctl = [analyze(im) for im in _generate_all(generate, prompts, batch_size, [y + suffix for y in others])]
+        prompts, base, picked, others, neg, ctl = ([seq[i] for i in keep]
+                                                  for seq in (prompts, base, picked, others, neg, ctl))
+
+        def distance(result, x):
+            rgb = np.asarray(PALETTE[result[part]] if result[part] else PALETTE[result["background"]], np.float32)
+            return float(np.linalg.norm(rgb - np.asarray(PALETTE[x], np.float32)))
+
+        report[part] = {
+            "n": len(prompts),
+            "moved_away": float(np.mean([r[part] != x for r, x in zip(neg, picked)])),
+            "moved_control": float(np.mean([r[part] != x for r, x in zip(ctl, picked)])),
+            "distance_negative": float(np.mean([distance(r, x) for r, x in zip(neg, picked)])),
+            "distance_control": float(np.mean([distance(r, x) for r, x in zip(ctl, picked)])),
+            "examples": [{"prompt": p["caption"], "seed": p["seed"], "drew": x, "negative": x + suffix,
+                          "then": r[part], "control": y + suffix, "control_then": c[part]}
+                         for p, x, r, y, c in list(zip(prompts, picked, neg, others, ctl))[:8]],
+        }
+    return report
+
+
+def format_negative(report: dict) -> str:
+    lines = [f"{'negative':<12}{'n':>6}{'moved_away':>12}{'control':>12}{'dist_neg':>10}{'dist_ctl':>10}"]
+    for part, row in report.items():
+        lines.append(f"{part:<12}{row['n']:>6}{row['moved_away']:>12.3f}{row['moved_control']:>12.3f}"
+                     f"{row['distance_negative']:>10.1f}{row['distance_control']:>10.1f}")
+    return "\n".join(lines)
 
 
 def _save(folder: Path, images, prompts) -> None:
@@ -95,23 +198,45 @@ def evaluate_folder(images_dir: str | Path, metadata: str | Path | None = None,
 
 
 def _renderer(config: SyntheticConfig):
-    """The synthetic renderer as a generator: draws exactly what each caption asks for."""
-    from sdjax.data.synthetic import render
+    """The synthetic renderer as a generator: draws exactly what each caption asks for (what a
+    free-form prompt leaves open: large, centred, red on blue, or the first other colour)."""
+    from sdjax.data.synthetic import PALETTE, render
 
-    return lambda captions, seeds: [render(parse_caption(c, config), config) for c in captions]
+    def attributes(caption):
+        try:
+            return parse_caption(caption, config)
+        except ValueError:
+            stated = parse_prompt(caption)
+        o = {"size": "large", "position": "center", **stated["objects"][0]}
+        background = stated.get("background") or next(c for c in ("blue", "red") if c != o.get("color"))
+        o.setdefault("color", next(c for c in PALETTE if c != background))
+        return {"background": background, "objects": [o], **o}
+
+    return lambda captions, seeds, negatives=None: [render(attributes(c), config) for c in captions]
 
 
 def _model_generator(model: str, steps: int, sampler: str, cfg_scale: float, resolution: int):
-    """A generator over an sdjax model: each caption with its own seed (batch of 1, exact per seed)."""
+    """A generator over an sdjax model: each caption with its own seed. Consecutive seeds go in
+    one batch (image i of a batch gets seed + i, the same image as alone); others one by one."""
     import sdjax
     from sdjax.cli import EMBEDDED_MODEL
 
     path = EMBEDDED_MODEL if model == "embedded" else model
     pipe = sdjax.load_pipeline(path)
+    return model_generator(pipe, steps, sampler, cfg_scale, resolution)
 
-    def generate(captions, seeds):
-        return [pipe.generate(c, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=int(s),
-                              width=resolution, height=resolution).images[0] for c, s in zip(captions, seeds)]
+
+def model_generator(pipe, steps: int = 20, sampler: str = "Euler", cfg_scale: float = 5.0, resolution: int = 64):
+    """`generate(captions, seeds, negatives=None)` over a loaded sdjax pipeline."""
+
+    def generate(captions, seeds, negatives=None):
+        seeds = [int(s) for s in seeds]
+        negatives = list(negatives) if negatives is not None else [""] * len(captions)
+        kw = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=resolution, height=resolution)
+        if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
+            return pipe.generate(list(captions), negative_prompt=negatives, seed=seeds[0], **kw).images
+        return [pipe.generate(c, negative_prompt=n, seed=s, **kw).images[0]
+                for c, s, n in zip(captions, seeds, negatives)]
 
     return generate
 
@@ -127,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sampler", default="Euler", help="sampler name (with --model)")
     parser.add_argument("--cfg-scale", type=float, default=5.0, help="guidance scale (with --model)")
     parser.add_argument("--metadata", help="JSONL of intended attributes (with --images-dir)")
-    parser.add_argument("--n", type=int, default=64, help="number of prompts (half seen, half held-out)")
+    parser.add_argument("--n", type=int, default=64,
+                        help="number of prompts (half seen, half held-out; with --families: per family)")
+    parser.add_argument("--families", action="store_true",
+                        help="score by phrasing family: template, trained paraphrases, held-out phrasings")
+    parser.add_argument("--negative", type=int, default=0, metavar="N",
+                        help="also measure what a negative prompt naming a colour does, over N prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--two-shape-prob", type=float, default=0.0)
@@ -149,8 +279,17 @@ def main(argv: list[str] | None = None) -> int:
             generate = getattr(importlib.import_module(module), name or "generate")
         else:
             generate = _renderer(config)
-        report = evaluate_generator(generate, args.n, args.seed, config, args.batch_size, args.save_dir)
+        if args.families:
+            report = evaluate_families(generate, args.n, args.seed or 1, args.batch_size, save_dir=args.save_dir)
+        else:
+            report = evaluate_generator(generate, args.n, args.seed, config, args.batch_size, args.save_dir)
     print(format_report(report))
+    if args.negative:
+        if args.images_dir:
+            parser.error("--negative needs a generator (--model or --generator)")
+        report = {"accuracy": report, "negative_prompt": negative_prompt_effect(generate, args.negative,
+                                                                                batch_size=args.batch_size)}
+        print(format_negative(report["negative_prompt"]))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -3,13 +3,15 @@
     python scripts/train_tiny.py --out runs/tiny [--install]
 
 Stages, each resumable (rerun the same command after an interruption):
-  1. tokenizer: a small CLIP-format BPE tokenizer trained on the caption vocabulary;
+  1. tokenizer: a small CLIP-format BPE tokenizer trained on the captions (template and varied);
   2. init: random weights for the text encoder, VAE and UNet of configs/tiny_model.json,
      written as a diffusers folder;
   3. vae: the AutoencoderKL trained alone (reconstruction + small KL), then its
-     scaling_factor set to 1 / std of the latents;
+     scaling_factor set to 1 / std of the latents (--vae-from DIR instead takes the VAE of
+     an earlier run's model folder: the images, all the VAE sees, do not depend on captions);
   4. unet: UNet and text encoder trained together through the fine-tuning stack
-     (`sdjax.train.Trainer`), EMA weights exported;
+     (`sdjax.train.Trainer`), EMA weights exported; captions as people write them
+     (`--captions varied`, `sdjax.data.phrasing`'s training frames, 30% in the template);
   5. export: fp16 safetensors diffusers folder at <out>/model (and, with --install,
      copied into sdjax/assets/tiny, where `sdjax generate` finds it).
 """
@@ -30,6 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_minutes() -> float:
+    """CPU time of this process (all threads) in minutes: the cost when other work shares the cores."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) / 60
 
 
 def stage_tokenizer(out: Path) -> Path:
@@ -67,6 +77,15 @@ def stage_vae(out: Path, init_dir: Path, spec: dict, args) -> Path:
     folder = out / "vae_done"
     if (folder / "model_index.json").exists():
         return folder
+    if args.vae_from:
+        tmp = out / "vae_done.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(init_dir, tmp)
+        shutil.rmtree(tmp / "vae")
+        shutil.copytree(Path(args.vae_from) / "vae", tmp / "vae")
+        tmp.rename(folder)
+        log(f"vae taken from {args.vae_from}")
+        return folder
     pipe = load_pipeline(init_dir)
     data = SyntheticCaptions(65536, seed=args.seed, resolution=spec["resolution"])
     params, scaling = train_vae(pipe.vae, data, out / "vae_run", steps=args.vae_steps,
@@ -83,6 +102,8 @@ def stage_vae(out: Path, init_dir: Path, spec: dict, args) -> Path:
 
 
 def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
+    from sdjax.data.datasets import SyntheticCaptions
+    from sdjax.data.synthetic import SyntheticConfig
     from sdjax.train.config import TrainConfig
     from sdjax.train.trainer import Trainer
 
@@ -95,9 +116,17 @@ def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
         learning_rate=args.unet_lr, lr_warmup_steps=min(200, args.unet_steps // 10), lr_end_ratio=0.05,
         weight_decay=0.0, ema_decay=0.995, caption_dropout=0.1, train_text_encoder=True, checkpoint_every=50,
         keep_checkpoints=2, log_every=25, seed=args.seed)
-    trainer = Trainer(cfg, log=log)
+    data = SyntheticCaptions(65536, seed=args.seed, resolution=spec["resolution"],
+                             config=SyntheticConfig(captions=args.captions))
+    trainer = Trainer(cfg, dataset=data, log=log)
+    start_step, t0, c0 = trainer.step, time.time(), cpu_minutes()
     if not args.export_now:
         trainer.run(progress=sys.stderr.isatty())
+        steps = trainer.step - start_step
+        if steps:
+            wall = time.time() - t0
+            log(f"unet stage: {steps} steps in {wall / 60:.1f} min wall, {cpu_minutes() - c0:.1f} CPU-min "
+                f"({steps / wall:.2f} steps/s, {steps * args.unet_batch / wall:.1f} examples/s)")
     log(f"exporting the weights of step {trainer.step}")
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,6 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=2e-3)
+    p.add_argument("--captions", default="varied", choices=("varied", "template"),
+                   help="caption style of the UNet stage (sdjax.data.synthetic.SyntheticConfig.captions)")
+    p.add_argument("--vae-from", help="reuse the VAE of this model folder instead of training one")
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
     p.add_argument("--export-now", action="store_true",
                    help="stop early: export the UNet stage's latest checkpoint instead of training on")
@@ -132,7 +164,7 @@ def main(argv=None) -> int:
     init_dir = stage_init(out, spec, tok, args.seed)
     vae_dir = stage_vae(out, init_dir, spec, args)
     model_dir = stage_unet(out, vae_dir, spec, args)
-    log(f"done in {(time.time() - t0) / 60:.1f} min: {model_dir}")
+    log(f"done in {(time.time() - t0) / 60:.1f} min wall, {cpu_minutes():.1f} CPU-min in this process: {model_dir}")
     if args.install:
         dst = ROOT / "sdjax" / "assets" / "tiny"
         shutil.rmtree(dst, ignore_errors=True)

@@ -118,3 +118,90 @@ def test_embedded_model_meets_the_evaluator_targets(pipes):
         for attribute in ("background", "color"):
             assert report[split][attribute] >= floor, (split, attribute, report[split])
         assert report[split]["position"] >= 0.80, (split, report[split])
+
+
+def _trained_on_varied_captions() -> bool:
+    """Whether the shipped model is issue 17's retrain: its tokenizer knows the words of captions
+    as people write them ("against", "box", ...), which the template-only model never saw."""
+    vocab = json.loads((EMBEDDED / "tokenizer" / "vocab.json").read_text())
+    return all(w + "</w>" in vocab for w in ("against", "box", "dot", "corner", "with"))
+
+
+# Until the retrained model is installed these tests are expected to fail (strict: a pass on the
+# template-only model would be a surprise and fails the run); once it is, they must pass.
+NEEDS_RETRAIN = pytest.mark.xfail(not _trained_on_varied_captions(), strict=True,
+                                  reason="the shipped model predates the retrain on varied captions "
+                                         "(scripts/train_tiny.py --captions varied); it reads only the template")
+
+
+def _eval_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_tiny.py"
+    spec = importlib.util.spec_from_file_location("eval_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@NEEDS_RETRAIN
+def test_embedded_model_understands_heldout_phrasings(pipes):
+    """128 prompts in phrasings never used in training (`sdjax.data.phrasing.HELDOUT_FRAMES`; Euler,
+    20 steps, CFG 5, each at its own seed): background and shape colour >= 90%, position >= 80%."""
+    _, pipe = pipes
+    eval_tiny = _eval_script()
+    report = eval_tiny.evaluate_families(eval_tiny.model_generator(pipe), n=128, families=("heldout",))
+    row = report["heldout"]
+    assert row["n"] == 128
+    assert row["background"] >= 0.90 and row["color"] >= 0.90 and row["position"] >= 0.80, row
+
+
+def readme_prompts() -> list[str]:
+    """Every prompt the README gives the embedded model: `sdjax generate/img2img/inpaint/outpaint
+    "..."` lines without --model, and `pipe.generate/outpaint` calls of blocks that load EMBEDDED_MODEL."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    prompts = []
+    for block in re.findall(r"```(?:bash|python)\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            m = re.search(r'sdjax (?:generate|img2img|inpaint|outpaint) "([^"]+)"', line)
+            if m and "--model" not in line:
+                prompts.append(m[1])
+        if "EMBEDDED_MODEL" in block:
+            prompts += re.findall(r'pipe\.(?:generate|outpaint)\((?:image, )?"([^"]+)"', block)
+    return list(dict.fromkeys(prompts))
+
+
+def test_readme_prompts_are_found_and_read_by_the_evaluator():
+    from sdjax.data.analysis import parse_prompt
+
+    prompts = readme_prompts()
+    assert "a red circle on a blue background" in prompts and len(prompts) >= 4
+    for prompt in prompts:  # each states at least a shape colour, a shape and a background
+        stated = parse_prompt(prompt)
+        assert {"background", "color", "shape"} <= set(stated), prompt
+
+
+@pytest.mark.slow
+@NEEDS_RETRAIN
+def test_readme_prompts_make_what_they_say(pipes):
+    """Each README prompt as txt2img (Euler, 20 steps, CFG 5, seeds 0-3), read back by the
+    evaluator's pixel analysis: background, shape colour and any stated position or size on every
+    seed; the shape (the model's weak point) on most seeds."""
+    from sdjax.data.analysis import analyze, parse_prompt
+
+    _, pipe = pipes
+    failures = []
+    for prompt in readme_prompts():
+        stated = parse_prompt(prompt)
+        images = pipe.generate([prompt] * 4, steps=20, sampler="Euler", cfg_scale=5.0, seed=0, width=64,
+                               height=64).images
+        found = [analyze(im) for im in images]
+        for key in ("background", "color", "size", "position"):
+            if key in stated and any(f[key] != stated[key] for f in found):
+                failures.append((prompt, key, [f[key] for f in found]))
+        if sum(f["shape"] == stated["shape"] for f in found) < 3:
+            failures.append((prompt, "shape", [f["shape"] for f in found]))
+    assert not failures, failures

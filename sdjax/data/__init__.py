@@ -5,7 +5,8 @@ Submodules import lazily-heavy libraries (`tokenizers`) only where needed; impor
 `sdjax.data.tokenizer` explicitly for the tokenizer.
 """
 
-from sdjax.data.analysis import analyze, evaluate, evaluation_prompts, format_report, parse_caption, score
+from sdjax.data.analysis import (analyze, evaluate, evaluation_prompts, family_prompts, format_report, parse_caption,
+                                 parse_prompt, score)
 from sdjax.data.datasets import (CaptionLoader, DatasetError, ImageCaptionFolder, JsonlCaptions, SyntheticCaptions,
                                  open_dataset, preprocess, write_synthetic_folder)
 from sdjax.data.synthetic import (DEFAULT_CONFIG, PALETTE, POSITIONS, SHAPES, SIZES, SyntheticConfig,
@@ -13,7 +14,8 @@ from sdjax.data.synthetic import (DEFAULT_CONFIG, PALETTE, POSITIONS, SHAPES, SI
                                   sample)
 
 __all__ = [
-    "analyze", "evaluate", "evaluation_prompts", "format_report", "parse_caption", "score",
+    "analyze", "evaluate", "evaluation_prompts", "family_prompts", "format_report", "parse_caption", "parse_prompt",
+    "score",
     "CaptionLoader", "DatasetError", "ImageCaptionFolder", "JsonlCaptions", "SyntheticCaptions", "open_dataset",
     "preprocess", "write_synthetic_folder",
     "DEFAULT_CONFIG", "PALETTE", "POSITIONS", "SHAPES", "SIZES", "SyntheticConfig", "SyntheticShapes",

@@ -19,10 +19,15 @@ drew what the caption asked for.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sdjax.data.synthetic import DEFAULT_CONFIG, PALETTE, POSITIONS, SIZES, SyntheticConfig, sample
+from sdjax.data.phrasing import (DOT, HELDOUT_FRAMES, SHAPE_WORDS, SIZE_WORDS, TRAIN_FRAMES, Phrased, phrase,
+                                 stated_attributes)
+from sdjax.data.synthetic import (DEFAULT_CONFIG, PALETTE, POSITIONS, SIZES, SPLITS, SyntheticConfig, _draw_attributes,
+                                  _rng, caption_for, sample)
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 
@@ -174,8 +179,6 @@ def parse_caption(caption: str, config: SyntheticConfig = DEFAULT_CONFIG) -> dic
     Two-shape captions without positions give objects without "position"/"size" keys
     ("size" is "small" for two-shape images). Raises ValueError for any other text.
     """
-    import re
-
     names = lambda group: "|".join(sorted(map(re.escape, group), key=len, reverse=True))  # noqa: E731
     color, shape = f"({names(config.colors)})", f"({names(config.shapes)})"
     where = f"(?: at the ({names(config.positions)}))"
@@ -197,12 +200,17 @@ def parse_caption(caption: str, config: SyntheticConfig = DEFAULT_CONFIG) -> dic
 
 
 def _score_known(predicted: dict, intended: dict) -> dict[str, bool | None]:
-    """`score`, with None for attributes the intended dict does not state (not counted)."""
-    result = dict(score(predicted, {**intended, "objects": [
-        {"position": None, **o} for o in intended["objects"]]}))
-    if any("position" not in o for o in intended["objects"]):
-        result["position"] = None
-        result["all"] = all(v for k, v in result.items() if k not in ("all", "position"))
+    """`score`, with None for what the intended dict does not state (not counted): the
+    background when it has no "background", size / position when an object lacks the key
+    (a prompt without a size or position asks for any)."""
+    objects = [{"position": None, "size": None, **o} for o in intended["objects"]]
+    result = dict(score(predicted, {"background": intended.get("background"), "objects": objects}))
+    if "background" not in intended:
+        result["background"] = None
+    for key in ("size", "position"):
+        if any(key not in o for o in intended["objects"]):
+            result[key] = None
+    result["all"] = all(v for k, v in result.items() if k != "all" and v is not None)
     return result
 
 
@@ -238,10 +246,11 @@ def evaluate(images, attributes: list[dict], splits: list[str] | None = None,
 
 def format_report(report: dict) -> str:
     """A fixed-width table of `evaluate`'s result, one row per split."""
-    lines = [f"{'split':<8}{'n':>6}" + "".join(f"{k:>12}" for k in REPORT_KEYS)]
+    width = max([8] + [len(g) + 1 for g in report])
+    lines = [f"{'split':<{width}}{'n':>6}" + "".join(f"{k:>12}" for k in REPORT_KEYS)]
     for group, row in report.items():
         cells = "".join(f"{'-' if row[k] is None else format(row[k], '.3f'):>12}" for k in REPORT_KEYS)
-        lines.append(f"{group:<8}{row['n']:>6}" + cells)
+        lines.append(f"{group:<{width}}{row['n']:>6}" + cells)
     return "\n".join(lines)
 
 
@@ -258,4 +267,102 @@ def evaluation_prompts(n: int, seed: int = 0, config: SyntheticConfig = DEFAULT_
         _, caption, attributes = sample(seed, i // 2, split, config)
         out.append({"caption": caption, "attributes": attributes,
                     "split": "seen" if split == "train" else "heldout", "seed": seed * 1_000_003 + i})
+    return out
+
+
+# ---------------------------------------------------------------------------------
+# Prompts as people write them (`sdjax.data.phrasing`): read back, and evaluation by phrasing family.
+
+
+def phrasing_vocabulary(frames: tuple[str, ...], samples: int = 4000, seed: int = 0) -> set[str]:
+    """Every word (lower case, punctuation split off) of `samples` captions in `frames`."""
+    words: set[str] = set()
+    for i in range(samples):
+        rng = _rng(seed, "train", i)
+        attributes = _draw_attributes(rng, DEFAULT_CONFIG, "train")
+        words.update(re.findall(r"[a-z]+|[^\sa-z]", phrase(attributes, rng, frames).caption.lower()))
+    return words
+
+
+_COLOR_AFTER = ("against", "on")  # "against blue", "on blue": the background
+_NOUNS = {**{w: shape for shape, words in SHAPE_WORDS.items() for w in words}, DOT: "circle"}
+_SIZES = {w: size for size, words in SIZE_WORDS.items() for w in words}
+_PLACES = {"top", "bottom", "left", "right", "center", "centered", "middle"}
+
+
+def parse_prompt(text: str) -> dict:
+    """The attributes a single-shape prompt states, in any phrasing `phrasing.phrase` writes (and the
+    template): {"background"?, "objects": [{"shape", "color"?, "size"?, "position"?}], and the
+    object's keys at top level}. Unstated attributes are left out. Raises ValueError for a
+    prompt that names no shape, or several shapes or places it cannot tell apart.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    nouns = [i for i, w in enumerate(words) if w in _NOUNS]
+    if len(nouns) != 1:
+        raise ValueError(f"prompt {text!r}: expected one shape word ({sorted(_NOUNS)}), found {len(nouns)}")
+    k = nouns[0]
+    obj = {"shape": _NOUNS[words[k]]}
+    if words[k] == "dot":
+        obj["size"] = "small"
+    background = None
+    for i, w in enumerate(words):
+        if w not in PALETTE:
+            continue
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        prev = [p for p in words[max(0, i - 2):i] if p not in ("a", "an")]
+        if nxt in ("background", "backdrop") or (prev and prev[-1] in _COLOR_AFTER and nxt not in _NOUNS
+                                                 and nxt not in _SIZES):
+            if background is not None and background != w:
+                raise ValueError(f"prompt {text!r}: two background colours")
+            background = w
+        elif "color" not in obj and k - 3 <= i < k:
+            obj["color"] = w
+        else:
+            raise ValueError(f"prompt {text!r}: cannot tell what {w!r} colours")
+    sizes = {_SIZES[w] for w in words if w in _SIZES}
+    if len(sizes) > 1 or (sizes and obj.get("size", next(iter(sizes))) not in sizes):
+        raise ValueError(f"prompt {text!r}: conflicting sizes")
+    if sizes:
+        obj["size"] = next(iter(sizes))
+    places = [w for w in words if w in _PLACES]
+    if places:
+        vertical = {w for w in places if w in ("top", "bottom")}
+        horizontal = {w for w in places if w in ("left", "right")}
+        centre = set(places) - vertical - horizontal
+        if len(vertical) > 1 or len(horizontal) > 1 or (centre and (vertical or horizontal)):
+            raise ValueError(f"prompt {text!r}: conflicting positions {places}")
+        obj["position"] = " ".join(sorted(vertical) + sorted(horizontal)) or "center"
+    out = {"objects": [obj], **obj}
+    if background is not None:
+        out["background"] = background
+    return out
+
+
+FAMILIES = ("template", "paraphrase", "heldout")
+
+
+def family_prompts(family: str, n: int, seed: int = 1) -> list[dict]:
+    """n evaluation prompts of one phrasing family, every one stating colour, background and position.
+
+    family: "template" (`caption_for`), "paraphrase" (the training frames) or "heldout"
+    (`HELDOUT_FRAMES`, never in training). Attributes come from the train split's
+    distribution at `seed` (the tiny model trains on seed 0). Each prompt: {"caption",
+    "attributes" (only what the caption states), "split": family, "frame", "seed"}; seeds are
+    consecutive, so a batch generated with the first one's seed gives each prompt its own.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}: use one of {FAMILIES}")
+    out = []
+    for i in range(n):
+        attributes = _draw_attributes(_rng(seed, "train", i), DEFAULT_CONFIG, "train")
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS.index("train"), i, 2])))
+        if family == "template":
+            phrased = Phrased(caption_for(attributes), "template", dict.fromkeys(
+                ("background", "color", "shape", "size", "position"), True))
+        else:
+            phrased = phrase(attributes, rng, TRAIN_FRAMES if family == "paraphrase" else HELDOUT_FRAMES,
+                             p_position=1.0)
+        out.append({"caption": phrased.caption, "attributes": stated_attributes(attributes, phrased.stated),
+                    "split": family, "frame": phrased.frame,
+                    "seed": seed * 1_000_003 + 7919 * FAMILIES.index(family) + i})
     return out

@@ -37,6 +37,8 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sdjax.data.phrasing import TRAIN_FRAMES, phrase
+
 # Far apart in RGB on purpose: a tiny model and a nearest-colour classifier must
 # both tell them apart even after VAE blur.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -65,6 +67,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
     "bottom right": (0.8, 0.8),
 }
 SPLITS = ("train", "heldout")
+CAPTION_STYLES = ("template", "varied")
 
 
 def default_heldout(colors: tuple[str, ...] = tuple(PALETTE), shapes: tuple[str, ...] = SHAPES
@@ -99,6 +102,9 @@ class SyntheticConfig:
     jitter: max random offset of a shape's centre, as a fraction of the side.
     heldout: (colour, background, shape) triples excluded from the train split;
       None means `default_heldout(colors, shapes)`.
+    captions: "template" (every caption by `caption_for`) or "varied": single-shape
+      captions as people write them (`sdjax.data.phrasing`, training frames only), except
+      a `template_fraction` of them, which keep the template. Images do not depend on it.
     """
 
     resolution: int = 64
@@ -111,8 +117,14 @@ class SyntheticConfig:
     antialias: bool = False
     jitter: float = 0.0
     heldout: tuple[tuple[str, str, str], ...] | None = None
+    captions: str = "template"
+    template_fraction: float = 0.3
 
     def __post_init__(self):
+        if self.captions not in CAPTION_STYLES:
+            raise ValueError(f"SyntheticConfig.captions={self.captions!r}: use one of {CAPTION_STYLES}")
+        if not 0.0 <= self.template_fraction <= 1.0:
+            raise ValueError(f"SyntheticConfig.template_fraction={self.template_fraction}: must be in [0, 1]")
         for name, values, table in (("colors", self.colors, PALETTE), ("shapes", self.shapes, SHAPES),
                                     ("sizes", self.sizes, SIZES), ("positions", self.positions, POSITIONS)):
             unknown = [v for v in values if v not in table]
@@ -267,7 +279,17 @@ def sample(seed: int, index: int, split: str = "train", config: SyntheticConfig 
     offsets = None
     if config.jitter > 0:
         offsets = [tuple(rng.uniform(-config.jitter, config.jitter, size=2)) for _ in attributes["objects"]]
-    return render(attributes, config, offsets), caption_for(attributes, config), attributes
+    return render(attributes, config, offsets), _caption(attributes, config, seed, split, index), attributes
+
+
+def _caption(attributes: dict, config: SyntheticConfig, seed: int, split: str, index: int) -> str:
+    """The caption of sample (seed, split, index): its own random stream, so images never change."""
+    if config.captions == "template" or len(attributes["objects"]) != 1:
+        return caption_for(attributes, config)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, SPLITS.index(split), index, 1])))
+    if rng.random() < config.template_fraction:
+        return caption_for(attributes, config)
+    return phrase(attributes, rng, TRAIN_FRAMES, p_color=0.95, p_background=0.95).caption
 
 
 class SyntheticShapes:

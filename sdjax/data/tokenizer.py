@@ -134,11 +134,14 @@ def load_clip_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def default_corpus(num_captions: int = 2000, seed: int = 0) -> list[str]:
-    """Captions of both synthetic splits (single and two-shape) plus each vocabulary word."""
+    """Captions of both synthetic splits (single and two-shape, template and varied) plus each vocabulary word."""
 
     config = SyntheticConfig(two_shape_prob=0.3, two_shape_positions=True)
     texts = [sample(seed, i, split, config)[1] for split in ("train", "heldout")
              for i in range(num_captions // 2)]
+    # Captions as people write them (training phrasings only), as the tiny model is trained on.
+    varied = SyntheticConfig(captions="varied", template_fraction=0.0)
+    texts += [sample(seed, i, "train", varied)[1] for i in range(num_captions // 2)]
     return texts + caption_vocabulary(config)
 
 
