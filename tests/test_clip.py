@@ -230,6 +230,7 @@ def test_gelu_pytorch_tanh_parity():
     assert _max_abs(model(jnp.asarray(ids)).last_hidden_state, _torch_run(ref, ids).last_hidden_state) < 1e-4
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 def test_full_size_sd21_parity():
     """The real SD 2.1 text encoder config (23 layers, 1024 wide) with transformers' random init."""

@@ -320,6 +320,7 @@ def test_original_file_variants_whole_model_and_bare_names(tiny, tmp_path):
         load_controlnet(tmp_path / "broken.safetensors", config=raw)
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.parametrize("name", ["sd15", "sd21"])
 def test_mapping_agrees_with_diffusers_converter_full_size(name):
     """Our original names, fed to diffusers' `convert_controlnet_checkpoint`, come back to
@@ -438,6 +439,7 @@ def test_canny_equals_opencv():
             np.testing.assert_array_equal(canny(img, low, high, l2_gradient=l2), ref)
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 def test_full_size_sd15_controlnet_parity():
     """The real SD 1.5 ControlNet size (361M parameters), random weights, zero convs perturbed."""

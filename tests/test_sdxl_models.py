@@ -216,6 +216,7 @@ def test_tiny_text_encoder_2_parity():
 @pytest.mark.parametrize("component, cls_torch, cls_ours", [
     ("text_encoder", transformers.CLIPTextModel, CLIPTextModel),
     ("text_encoder_2", transformers.CLIPTextModelWithProjection, CLIPTextModelWithProjection)])
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 def test_full_size_text_encoders(component, cls_torch, cls_ours):
     """The real SDXL text encoder configs (CLIP ViT-L; OpenCLIP bigG: 32 layers, 1280 wide), random init."""
     d = _config("sdxl-base", component)
@@ -236,6 +237,7 @@ def test_full_size_text_encoders(component, cls_torch, cls_ours):
         assert float(np.abs(np.asarray(got.pooled_output) - want.pooler_output.numpy()).max()) < tol
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 def test_full_size_sdxl_unet():
     """The real SDXL base UNet config (2.6 B parameters), random init, one 32x32 latent, float32.

@@ -190,6 +190,7 @@ def test_sdxl_detection_from_tensors(folders, tmp_path):
         sgm.detect_family(no_label)
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 @pytest.mark.parametrize("ref_name", ["sdxl-base", "sdxl-refiner"])
 def test_full_size_sdxl_unet_names_match_diffusers_converter(ref_name):

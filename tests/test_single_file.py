@@ -288,6 +288,7 @@ def test_load_pipeline_accepts_a_single_file(folders, tmp_path):
     assert eps.scheduler_config["prediction_type"] == "epsilon"
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 @pytest.mark.parametrize("ref_name", ["sd15", "sd21", "sd2-inpainting"])
 def test_full_size_names_match_diffusers_converter(ref_name):

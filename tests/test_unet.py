@@ -250,6 +250,7 @@ def test_jit_of_split_state_equals_eager():
 # ---------------------------------------------------------------- full size
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 def test_full_size_sd15_parity():
     d = _config("sd15")

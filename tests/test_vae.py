@@ -267,6 +267,7 @@ def test_config_accepts_supported_optional_keys():
     assert cfg.scaling_factor == 0.5 and cfg.force_upcast is False and cfg.sample_size == (64, 64)
 
 
+@pytest.mark.xdist_group("full_size")  # one full-size model at a time: 24 GiB holds one, not two
 @pytest.mark.slow
 def test_full_size_sd15_parity():
     d = reference_config("sd15")
