@@ -171,7 +171,10 @@ def readme_prompts() -> list[str]:
                 prompts.append(m[1])
         if "EMBEDDED_MODEL" in block:
             prompts += re.findall(r'pipe\.(?:generate|outpaint)\((?:image, )?"([^"]+)"', block)
-    return list(dict.fromkeys(prompts))
+    # A prompt-editing / AND example (the hires fix section's) changes what it asks for mid-run:
+    # it states no one picture to check; tests/test_prompt_schedule_generate.py checks those.
+    scheduled = re.compile(r"\[[^\]]*[:|][^\]]*\]|\bAND\b")
+    return [p for p in dict.fromkeys(prompts) if not scheduled.search(p)]
 
 
 def test_readme_prompts_are_found_and_read_by_the_evaluator():
