@@ -131,11 +131,12 @@ def guided_denoiser(model: sampling.DiscreteModel, unet: Callable, cond, uncond,
     added: SDXL's (pooled, uncond_pooled (B, P), time_ids, uncond_time_ids (B, n)), passed to the
     UNet as `text_embeds` / `time_ids` in the same row order as the context (each image's pooled
     embedding repeated for its S sub-prompts).
+    Returns D(x, sigma) -> guided x0, with `.with_uncond(x, sigma) -> (guided, unguided x0)` from
+    the same UNet call (`sampling.with_uncond`; CFG++ samplers read it).
     """
     if conditioning is None:
         def conditioning(sigma):
             return cond[:, None], uncond
-
 
     def network(x_scaled, t, context, n_cond):
         kwargs = residuals(x_scaled, t, context, n_cond) if residuals is not None else {}
