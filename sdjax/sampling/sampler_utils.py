@@ -57,6 +57,13 @@ def require_keys(keys, name: str):
     return keys
 
 
+def sampler_noise(key, x, sigmas, noise_type, name: str):
+    """The per-step noise function of a stochastic sampler `name` for latents like x: one key per
+    image (required), noise of `noise_type` over `sigmas` (`make_noise`)."""
+    keys = require_keys(as_keys(key, x.shape[0]), name)
+    return make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+
+
 def is_literal_zero(v) -> bool:
     """True for a Python/NumPy number equal to 0 (a traced value is never known to be 0)."""
     return isinstance(v, (int, float)) and v == 0

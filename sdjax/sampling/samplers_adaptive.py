@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sdjax.sampling.sampler_utils import ancestral_step, as_keys, emit, is_literal_zero, make_noise, require_keys, setup
+from sdjax.sampling.sampler_utils import ancestral_step, emit, is_literal_zero, sampler_noise, setup
 
 
 def _ends(sigmas):
@@ -85,8 +85,7 @@ def sample_dpm_fast(denoise, x_init, sigmas, key=None, *, callback=None, eta=0.0
     stochastic = not is_literal_zero(eta)
     noise = None
     if stochastic:
-        keys = require_keys(as_keys(key, x.shape[0]), "dpm_fast")
-        noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+        noise = sampler_noise(key, x, sigmas, noise_type, "dpm_fast")
     solver = _Solver(model)
     t_start, t_end = _ends(sigmas)
 
@@ -136,8 +135,7 @@ def sample_dpm_adaptive(denoise, x_init, sigmas, key=None, *, callback=None, ord
     stochastic = not is_literal_zero(eta)
     noise = None
     if stochastic:
-        keys = require_keys(as_keys(key, x.shape[0]), "dpm_adaptive")
-        noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+        noise = sampler_noise(key, x, sigmas, noise_type, "dpm_adaptive")
     solver = _Solver(model)
     t_start, t_end = _ends(sigmas)
     ctrl_order = 1.5 if stochastic else order

@@ -20,12 +20,11 @@ import jax.numpy as jnp
 
 from sdjax.sampling.sampler_utils import (
     ancestral_step,
-    as_keys,
     emit,
+    is_literal_zero,
     log_sigma,
-    make_noise,
-    require_keys,
     run,
+    sampler_noise,
     setup,
     to_d,
     uncond_model,
@@ -35,11 +34,10 @@ from sdjax.sampling.sampler_utils import (
 def _ancestral_cfg_pp(denoise, x_init, sigmas, key, callback, eta, s_noise, noise_type, name):
     x, sigmas, _, dtype = setup(denoise, x_init, sigmas)
     model = uncond_model(denoise, dtype)
-    stochastic = not (isinstance(eta, (int, float)) and eta == 0)
+    stochastic = not is_literal_zero(eta)
     noise = None
     if stochastic:
-        keys = require_keys(as_keys(key, x.shape[0]), name)
-        noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+        noise = sampler_noise(key, x, sigmas, noise_type, name)
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
@@ -73,8 +71,7 @@ def sample_dpmpp_2s_ancestral_cfg_pp(denoise, x_init, sigmas, key=None, *, callb
     vector (guided - unguided x0 at the step's start) is added after the step."""
     x, sigmas, _, dtype = setup(denoise, x_init, sigmas)
     model = uncond_model(denoise, dtype)
-    keys = require_keys(as_keys(key, x.shape[0]), "dpmpp_2s_ancestral_cfg_pp")
-    noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+    noise = sampler_noise(key, x, sigmas, noise_type, "dpmpp_2s_ancestral_cfg_pp")
 
     def step(x, inp):
         i, sigma, sigma_next = inp["i"], inp["sigma"], inp["sigma_next"]
@@ -128,11 +125,10 @@ def _res_multistep(denoise, x_init, sigmas, key, callback, eta, s_noise, noise_t
     """ComfyUI's res_multistep: RES 2nd-order multistep in t = -log(sigma), ancestral with eta."""
     x, sigmas, _, dtype = setup(denoise, x_init, sigmas)
     model = uncond_model(denoise, dtype)
-    stochastic = not (isinstance(eta, (int, float)) and eta == 0)
+    stochastic = not is_literal_zero(eta)
     noise = None
     if stochastic:
-        keys = require_keys(as_keys(key, x.shape[0]), name)
-        noise = make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+        noise = sampler_noise(key, x, sigmas, noise_type, name)
 
     def step(carry, inp):
         x, old_x0, old_sigma_down = carry

@@ -20,13 +20,11 @@ import jax.numpy as jnp
 
 from sdjax.sampling.sampler_utils import (
     active_steps,
-    as_keys,
     emit,
     is_literal_zero,
     log_sigma,
-    make_noise,
-    require_keys,
     run,
+    sampler_noise,
     setup,
 )
 from sdjax.sampling.samplers_multistep import _select
@@ -35,8 +33,7 @@ from sdjax.sampling.samplers_multistep import _select
 def _noise_for(key, x, sigmas, noise_type, name, off):
     if off:
         return lambda *a, **k: jnp.zeros_like(x)
-    keys = require_keys(as_keys(key, x.shape[0]), name)
-    return make_noise(keys, sigmas, x.shape[1:], x.dtype, noise_type)
+    return sampler_noise(key, x, sigmas, noise_type, name)
 
 
 def _er_noise_scaler(s):
