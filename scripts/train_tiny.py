@@ -12,6 +12,7 @@ Stages, each resumable (rerun the same command after an interruption):
   4. unet: UNet and text encoder trained together through the fine-tuning stack
      (`sdjax.train.Trainer`), EMA weights exported; captions as people write them
      (`--captions varied`, `sdjax.data.phrasing`'s training frames, 30% in the template);
+  (--init-from DIR skips stages 1-3: the UNet stage fine-tunes that trained model instead;)
   5. export: fp16 safetensors diffusers folder at <out>/model (and, with --install,
      copied into sdjax/assets/tiny, where `sdjax generate` finds it).
 """
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--captions", default="varied", choices=("varied", "template"),
                    help="caption style of the UNet stage (sdjax.data.synthetic.SyntheticConfig.captions)")
     p.add_argument("--vae-from", help="reuse the VAE of this model folder instead of training one")
+    p.add_argument("--init-from", help="fine-tune: start the UNet stage from this model folder (all its "
+                   "weights and its tokenizer; stages 1-3 are skipped), e.g. sdjax/assets/tiny")
     p.add_argument("--install", action="store_true", help="copy the result into sdjax/assets/tiny")
     p.add_argument("--export-now", action="store_true",
                    help="stop early: export the UNet stage's latest checkpoint instead of training on")
@@ -160,9 +163,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     spec = json.loads(Path(args.config).read_text())
     t0 = time.time()
-    tok = stage_tokenizer(out)
-    init_dir = stage_init(out, spec, tok, args.seed)
-    vae_dir = stage_vae(out, init_dir, spec, args)
+    if args.init_from:  # a trained model's text encoder, UNet, VAE and tokenizer, trained on
+        vae_dir = Path(args.init_from)
+        log(f"fine-tuning from {vae_dir}")
+    else:
+        tok = stage_tokenizer(out)
+        init_dir = stage_init(out, spec, tok, args.seed)
+        vae_dir = stage_vae(out, init_dir, spec, args)
     model_dir = stage_unet(out, vae_dir, spec, args)
     log(f"done in {(time.time() - t0) / 60:.1f} min wall, {cpu_minutes():.1f} CPU-min in this process: {model_dir}")
     if args.install:

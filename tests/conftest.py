@@ -34,3 +34,14 @@ def reference(name: str) -> Path:
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+_TIMING_LOG = os.environ.get("SDJAX_TEST_TIMING_LOG")
+
+
+def pytest_runtest_logreport(report):
+    """With SDJAX_TEST_TIMING_LOG=FILE, one line per test phase as it ends (phase, seconds,
+    outcome, test id), appended by every xdist worker: where the suite's time goes, while it runs."""
+    if _TIMING_LOG and not hasattr(report, "node"):  # the xdist controller sees each report again
+        with open(_TIMING_LOG, "a") as f:
+            f.write(f"{report.when} {report.duration:.1f} {report.outcome} {report.nodeid}\n")
