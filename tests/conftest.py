@@ -2,6 +2,8 @@
 a key fixture, the reference configs."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -9,9 +11,27 @@ import pytest
 
 from sdjax import runtime
 
+
+def _session_cache_dir() -> tuple[Path, bool]:
+    """One JAX persistent compilation cache per test run, shared by both xdist workers (they
+    inherit the controller's environment) and every subprocess they start (CLI runs, servers,
+    notebooks, README commands): the same tiny-model programs are compiled once per run instead
+    of once per test. A new run starts empty, so no test reads what an older sdjax compiled.
+    Returns (folder, whether this process made it and removes it at the end)."""
+    made = "SDJAX_TEST_JAX_CACHE" not in os.environ
+    if made:
+        os.environ["SDJAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="sdjax-test-jax-cache-")
+    return Path(os.environ["SDJAX_TEST_JAX_CACHE"]), made
+
+
+JAX_CACHE, _OWN_CACHE = _session_cache_dir()
+# Subprocesses inherit it (tests that build an env from os.environ keep it).
+os.environ["SDJAX_CACHE_DIR"] = str(JAX_CACHE)
+
 # Must happen before JAX is first used. The suite is an entry point like the CLI: it selects
-# sdjax's XLA flags itself (import sdjax does not), so tests run what users run.
-runtime.configure()
+# sdjax's XLA flags itself (import sdjax does not), so tests run what users run, with the
+# persistent compilation cache the CLI uses.
+runtime.configure(compilation_cache=JAX_CACHE)
 jax.config.update("jax_num_cpu_devices", 8)
 # No implicit promotion between ints and floats or between float widths: casts are written out.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -29,6 +49,22 @@ def reference(name: str) -> Path:
         raise FileNotFoundError(f"reference configs not found at {path} (see reference/README.md; "
                                 "SDJAX_REFERENCE overrides the folder)")
     return path
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE:  # the xdist controller, or a run without xdist
+        shutil.rmtree(JAX_CACHE, ignore_errors=True)
+
+
+@pytest.fixture
+def no_persistent_cache():
+    """For tests that count XLA compilations (jax.monitoring's backend_compile events): a
+    persistent-cache hit compiles nothing and would hide a recompilation, so the cache is off."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
 
 
 @pytest.fixture

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_bench_gpu")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import reference
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_benchmark")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

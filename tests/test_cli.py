@@ -22,9 +22,8 @@ ARGS = ["--steps", "2", "--width", "64", "--height", "64"]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jaxcache")
-    # One persistent compilation cache for all subprocesses keeps this file fast.
-    return {**os.environ, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    # the run's one persistent compilation cache (SDJAX_CACHE_DIR, tests/conftest.py)
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="module")

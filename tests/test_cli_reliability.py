@@ -22,8 +22,8 @@ ARGS = ["--steps", "2", "--sampler", "Euler", "--no-progress"]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jaxcache")
-    return {**os.environ, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu"}
+    # the run's one persistent compilation cache (SDJAX_CACHE_DIR, tests/conftest.py)
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def _cmd(*args):

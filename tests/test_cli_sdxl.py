@@ -40,7 +40,7 @@ def _run(env, *args):
 
 @pytest.mark.slow  # three CLI runs of a tiny SDXL base + refiner (~1-2 min on a shared CPU)
 def test_refiner_from_png_round_trip(tmp_path):
-    env = {**os.environ, "SDJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     base = build_sdxl_pipeline("sdxl-base", seed=3)
     base.save_pretrained(tmp_path / "base")
     build_sdxl_pipeline("sdxl-refiner", seed=7, vae=base.vae).save_pretrained(tmp_path / "refiner")

@@ -13,7 +13,7 @@ RUN_WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from sdjax.cli imp
 
 def test_generate_prints_no_third_party_lines(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFORMERS_", "XLA_FLAGS"))}
-    env.update(JAX_PLATFORMS="cpu", SDJAX_CACHE_DIR=str(tmp_path / "cache"))
+    env.update(JAX_PLATFORMS="cpu")
     out = tmp_path / "circle.png"
     proc = subprocess.run(
         [sys.executable, "-c", RUN_WITHOUT_TORCH, "generate", "a red circle on a blue background",

@@ -18,6 +18,9 @@ from sdjax.metadata import parse_infotext
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_diffusers_pipeline, perturb
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_controlnet_generate")
+
 diffusers = pytest.importorskip("diffusers")
 
 SIZE = 64

@@ -190,7 +190,7 @@ def test_only_masked_inpainting_cli_keeps_pixels_outside_the_crop(folder, tmp_pa
     Image.fromarray(image).save(tmp_path / "image.png")
     Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "out.png"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SDJAX_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "sdjax.cli", "inpaint", "a red circle", "--model", str(folder),
                         "--image", str(tmp_path / "image.png"), "--mask", str(tmp_path / "mask.png"),
                         "--only-masked", "--padding", "8", "--mask-blur", "2", "--width", "64", "--height", "64",

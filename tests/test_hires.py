@@ -65,7 +65,7 @@ def test_two_passes_and_infotext(model):
 
 @pytest.mark.slow
 def test_cli_hires_from_png_equality(model, tmp_path):
-    env = {**os.environ, "SDJAX_CACHE_DIR": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
     def sdjax_cli(*args):
         r = subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=env, capture_output=True,

@@ -58,9 +58,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(cache, devices: int) -> dict:
+def _env(devices: int) -> dict:
+    """The CLI's environment: no SDJAX_ settings but the run's compilation cache (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
-    return {**env, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
@@ -82,11 +83,11 @@ runpy.run_module("sdjax.cli", run_name="__main__", alter_sys=True)
 """
 
 
-def _run_hosts(args, cache, n=2, timeout=400, spy=None):
+def _run_hosts(args, n=2, timeout=400, spy=None):
     """Launch n processes of the real CLI as one jax.distributed job on 127.0.0.1 (with `spy`, a
     log path: through GRID_SPY). Returns each process's printed .png paths."""
     port = _free_port()
-    env = _env(cache, 2)
+    env = _env(2)
     if spy is not None:
         spy.parent.joinpath("grid_spy.py").write_text(GRID_SPY)
         env["GRID_SPY_LOG"] = str(spy)
@@ -117,14 +118,13 @@ def test_two_processes_equal_one_process(tmp_path):
     model = write_tiny_folder(tmp_path / "tiny")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
-    cache = tmp_path / "cache"
     multi, single = tmp_path / "multi", tmp_path / "single"
     common = ["--model", model, "--prompts-file", prompts, *ARGS]
 
     # Random seed (-1): process 0 draws it and every process must use the same one.
     spy = tmp_path / "spy" / "writes"
     spy.parent.mkdir()
-    outs = _run_hosts([*common, "--seed", -1, "--devices", "all", "--grid", "--out", multi], cache, spy=spy)
+    outs = _run_hosts([*common, "--seed", -1, "--devices", "all", "--grid", "--out", multi], spy=spy)
     records = batch.read_manifests(multi)
     files = sorted(p.name for p in multi.glob("*.png") if not p.name.startswith("grid-"))
     assert len(files) == 2 + 3 + 2 + 2
@@ -145,7 +145,7 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_array_equal(_pixels(grids[0]), np.asarray(expected, np.int16))
     seed = int(files[0].split("-")[1].split(".")[0])
 
-    r = subprocess.run(_cli([*common, "--seed", seed, "--out", single]), env=_env(cache, 1),
+    r = subprocess.run(_cli([*common, "--seed", seed, "--out", single]), env=_env(1),
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in single.glob("*.png")) == files
@@ -161,7 +161,7 @@ def test_two_processes_equal_one_process(tmp_path):
     stamp = {n: (multi / n).stat().st_mtime_ns for n in files}
     for n in lost:
         (multi / n).unlink()
-    _run_hosts([*common, "--seed", seed, "--devices", "all", "--out", multi], cache)
+    _run_hosts([*common, "--seed", seed, "--devices", "all", "--out", multi])
     for n in files:
         assert (multi / n).exists()
         assert ((multi / n).stat().st_mtime_ns != stamp[n]) == (n in lost)
@@ -228,7 +228,7 @@ def test_coordinator_auto_reaches_jax_cluster_detection(monkeypatch):
 
 @pytest.mark.slow
 def test_coordinator_auto_outside_a_cluster_is_a_clear_error(tmp_path):
-    env = {k: v for k, v in _env(tmp_path / "cache", 1).items() if not k.startswith(("SLURM_", "OMPI_"))}
+    env = {k: v for k, v in _env(1).items() if not k.startswith(("SLURM_", "OMPI_"))}
     r = subprocess.run(_cli(["x", "--coordinator-address", "auto", "--steps", "1", "--out", tmp_path / "o"]),
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])

@@ -10,6 +10,9 @@ from sdjax import parallel
 from sdjax.errors import SdjaxError
 from sdjax_tiny import write_tiny_folder
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_parallel")
+
 KW = dict(steps=3, width=64, height=64, sampler="euler", schedule="karras")
 PROMPTS = ["a red cube", "a blue ball", "green", "", "a cat", "a dog on a hill", "night", "sun"]
 

@@ -21,6 +21,9 @@ from sdjax.pipeline.generator import img2img_start
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_diffusers_pipeline
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_pipeline_parity")
+
 STEPS = 6
 SIZE = 64
 PROMPT = "a red circle on a blue background"

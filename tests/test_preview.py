@@ -42,7 +42,7 @@ def test_cheap_approximation_is_a1111s_map():
     assert grid.size == (8, 4)  # two 4x4 previews side by side
 
 
-def test_previews_compile_nothing_and_follow_every(tmp_path):
+def test_previews_compile_nothing_and_follow_every(tmp_path, no_persistent_cache):
     pipe = sdjax.load_pipeline(EMBEDDED)
     kw = dict(prompt="a red circle", steps=4, width=64, height=64, seed=3, sampler="Euler a")
     first = pipe.generate(**kw, progress=lambda i: None)  # compiles the progress-staged function
@@ -68,7 +68,7 @@ def test_cli_writes_a_taesd_preview_every_n_steps(tmp_path):
     tiny = AutoencoderTiny(decoder_block_out_channels=(8, 8, 8, 8), num_decoder_blocks=(1, 1, 1, 1),
                            encoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1))
     tiny.save_pretrained(tmp_path / "taesd")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SDJAX_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", "a cat", "--steps", "5", "--width", "64",
                         "--height", "64", "--seed", "9", "--out", str(out), "--preview-every", "2",

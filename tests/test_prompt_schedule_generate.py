@@ -75,7 +75,7 @@ def test_and_with_zero_weight_is_the_first_prompt(pipe):
     assert "red cube :1 AND blue sphere :0" in both.infotexts[0]
 
 
-def test_no_recompile_across_scheduled_prompts(pipe):
+def test_no_recompile_across_scheduled_prompts(pipe, no_persistent_cache):
     prompts = [("red cube", ""), ("[red:blue:0.5] cube", "[ugly:2]"), ("[red|blue|green] cube", "bad"),
                ("a[b:[c:d:2]:1]e", "[x::0.25]"), ("(red:1.3) [cube:sphere:3]", "")]
     fn = core.build(pipe.unet.graphdef, pipe.vae.graphdef, pipe.generator.discrete_model, core.Spec("euler"),

@@ -275,7 +275,7 @@ def _with_model(command: str, model: Path) -> str:
 @pytest.mark.slow
 def test_readme_shell_commands_run(sandbox):
     box, model = sandbox
-    env = dict(os.environ, JAX_PLATFORMS="cpu", SDJAX_CACHE_DIR=str(box / ".jax-cache"),
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=8",  # for --devices 8 --fsdp 8
                PATH=f"{Path(SDJAX).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ran = 0

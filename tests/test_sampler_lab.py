@@ -78,7 +78,7 @@ class _Compiles:
 
 
 @pytest.mark.slow
-def test_every_comfyui_sampler_runs_4_steps_on_the_tiny_model_without_recompiling(tiny):
+def test_every_comfyui_sampler_runs_4_steps_on_the_tiny_model_without_recompiling(tiny, no_persistent_cache):
     """Per sampler, one jitted txt2img sampling function (the embedded model's guided denoiser,
     the sampler's scan, 4 steps of the "normal" schedule, 16 px / 2x2 latents) with the seeds
     (noise and sampler keys) and the CFG scale traced: a second and third call with new ones

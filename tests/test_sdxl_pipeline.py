@@ -16,6 +16,9 @@ from sdjax.pipeline import sdxl
 from sdjax.sampling import DiscreteModel, diffusers_schedule
 from sdjax_tiny import build_sdxl_pipeline
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_sdxl_pipeline")
+
 W, H = 64, 48  # non-square: original/target size ids are (48, 64)
 PROMPT = "a red circle on a blue background"
 NEG = "blurry"

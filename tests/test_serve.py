@@ -21,6 +21,9 @@ from PIL import Image
 
 from sdjax.images import read_infotext
 
+# One worker runs the whole module: its module fixtures are costly and then built once.
+pytestmark = pytest.mark.xdist_group("test_serve")
+
 USER, PASSWORD = "alice", "s3cret"
 COMMON = dict(steps=3, width=64, height=64, cfg_scale=5.0, sampler_name="Euler a")
 
@@ -31,9 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_env(cache: Path, devices: int = 1) -> dict:
+def serve_env(devices: int = 1) -> dict:
+    """The server's environment: no SDJAX_ settings but the run's compilation cache (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
-    return {**env, "SDJAX_CACHE_DIR": str(cache), "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
@@ -63,16 +67,11 @@ def stop_server(proc):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("serve-cache")
-
-
-@pytest.fixture(scope="module")
-def server(cache):
+def server():
     """One server for the module (starting one costs CPU): auth on, requests wait 1.5 s for batch-mates."""
     port = free_port()
     proc = start_server(["--api-auth", f"{USER}:{PASSWORD}", "--max-batch", "8", "--batch-wait-ms", "1500"],
-                        serve_env(cache), port, auth=(USER, PASSWORD))
+                        serve_env(), port, auth=(USER, PASSWORD))
     yield port
     stop_server(proc)
 
@@ -86,8 +85,8 @@ def stats(port):
     return httpx.get(f"http://127.0.0.1:{port}/sdjax/v1/stats", auth=(USER, PASSWORD)).json()
 
 
-def cli(cache, *args):
-    r = subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=serve_env(cache),
+def cli(*args):
+    r = subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=serve_env(),
                        capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     return [Path(line) for line in r.stdout.splitlines() if line.endswith(".png")]
@@ -98,10 +97,10 @@ def pixels(image):
 
 
 @pytest.mark.slow  # a CLI run or a new batch shape to compile: ~50 s on 2 shared cores
-def test_txt2img_equals_the_cli_and_png_info_reads_it_back(api, cache, tmp_path):
+def test_txt2img_equals_the_cli_and_png_info_reads_it_back(api, tmp_path):
     result = api.txt2img(prompt="a red cube", negative_prompt="blurry", seed=7, batch_size=2, **COMMON)
     assert len(result.images) == 2 and result.info["all_seeds"] == [7, 8]
-    files = cli(cache, "generate", "a red cube", "--negative-prompt", "blurry", "--seed", 7, "--batch-size", 2,
+    files = cli("generate", "a red cube", "--negative-prompt", "blurry", "--seed", 7, "--batch-size", 2,
                 "--steps", 3, "--width", 64, "--height", 64, "--cfg-scale", 5, "--sampler", "Euler a",
                 "--out", tmp_path / "cli")
     assert len(files) == 2
@@ -116,7 +115,7 @@ def test_txt2img_equals_the_cli_and_png_info_reads_it_back(api, cache, tmp_path)
 
 
 @pytest.mark.slow  # a CLI run or a new batch shape to compile: ~50 s on 2 shared cores
-def test_inpaint_equals_the_cli(api, cache, tmp_path):
+def test_inpaint_equals_the_cli(api, tmp_path):
     rng = np.random.default_rng(0)
     init = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
@@ -124,7 +123,7 @@ def test_inpaint_equals_the_cli(api, cache, tmp_path):
     mask.save(tmp_path / "mask.png")
     result = api.img2img(images=[init], mask_image=mask, prompt="a door", seed=3, denoising_strength=0.6,
                          inpainting_fill=1, inpaint_full_res=False, mask_blur=4, **COMMON)
-    files = cli(cache, "inpaint", "a door", "--image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
+    files = cli("inpaint", "a door", "--image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
                 "--seed", 3, "--strength", 0.6, "--masked-content", "original", "--mask-blur", 4, "--steps", 3,
                 "--cfg-scale", 5, "--sampler", "Euler a", "--out", tmp_path / "cli")
     assert np.array_equal(pixels(result.images[0]), pixels(Image.open(files[0])))

@@ -36,15 +36,14 @@ def _txt2img(port, payloads):
 def test_two_processes_serve_the_images_of_one(tmp_path):
     payloads = [{"prompt": "a red cube", "seed": 7, "batch_size": 3, **COMMON},
                 {"prompt": "green hills", "seed": 40, **COMMON}]
-    cache = tmp_path / "cache"
     coordinator, http = free_port(), free_port()
     follower = subprocess.Popen(
         [sys.executable, "-m", "sdjax.cli", "serve", "--port", str(free_port()), "--devices", "all",
          "--batch-wait-ms", "1000", "--coordinator-address", f"127.0.0.1:{coordinator}", "--num-processes", "2",
-         "--process-id", "1"], env=serve_env(cache, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--process-id", "1"], env=serve_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     leader = start_server(["--devices", "all", "--batch-wait-ms", "1000", "--coordinator-address",
                            f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id", "0"],
-                          serve_env(cache, 2), http)
+                          serve_env(2), http)
     try:
         multi = _txt2img(http, payloads)
         stats = httpx.get(f"http://127.0.0.1:{http}/sdjax/v1/stats").json()
@@ -59,7 +58,7 @@ def test_two_processes_serve_the_images_of_one(tmp_path):
     assert stats["generate_calls"] == 1  # both requests in one batch, this process's share of it
 
     single_port = free_port()
-    single = start_server(["--batch-wait-ms", "1000"], serve_env(cache, 1), single_port)
+    single = start_server(["--batch-wait-ms", "1000"], serve_env(1), single_port)
     try:
         one = _txt2img(single_port, payloads)
     finally:

@@ -26,7 +26,7 @@ def plain_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-page")
     port = free_port()
     proc = start_server(["--max-queue", "1", "--max-body-mb", "0.0625", "--batch-wait-ms", "0",
-                         "--outdir", tmp / "out"], serve_env(tmp / "cache"), port)
+                         "--outdir", tmp / "out"], serve_env(), port)
     yield port, proc, tmp / "out"
     if proc.poll() is None:
         proc.kill()

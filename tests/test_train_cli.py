@@ -21,8 +21,6 @@ TINY = ROOT / "configs" / "finetune_tiny.json"
 
 def _sdjax(*args, **kw):
     env = dict(os.environ)
-    if "cache" in kw:
-        env["SDJAX_CACHE_DIR"] = str(kw.pop("cache"))
     cmd = [sys.executable, "-m", "sdjax.cli", *map(str, args)]
     if kw.pop("background", False):
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -65,9 +63,8 @@ def test_config_errors_exit_2(tmp_path):
 @pytest.mark.slow
 def test_train_outputs_and_killed_run_resumes_exactly(mini_model, tmp_path):
     common = ["-o", f"model={mini_model}", "-o", "max_steps=16", "-o", "checkpoint_every=4", "--no-progress"]
-    cache = tmp_path / "jax_cache"  # shared by the three runs: later ones skip most compiles
     full = tmp_path / "full"
-    r = _sdjax("train", TINY, *common, "-o", f"output_dir={full}", cache=cache)
+    r = _sdjax("train", TINY, *common, "-o", f"output_dir={full}")
     assert r.returncode == 0, r.stderr
     model = full / "model"
     assert r.stdout.strip().splitlines()[-1] == str(model)
@@ -80,7 +77,7 @@ def test_train_outputs_and_killed_run_resumes_exactly(mini_model, tmp_path):
     assert json.loads((full / "train_config.json").read_text())["max_steps"] == 16
 
     split = tmp_path / "split"
-    proc = _sdjax("train", TINY, *common, "-o", f"output_dir={split}", cache=cache, background=True)
+    proc = _sdjax("train", TINY, *common, "-o", f"output_dir={split}", background=True)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and proc.poll() is None:
         if (split / "checkpoints").is_dir() and any(p.name.isdigit() for p in (split / "checkpoints").iterdir()):
@@ -90,7 +87,7 @@ def test_train_outputs_and_killed_run_resumes_exactly(mini_model, tmp_path):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (split / "model").exists()
-    r = _sdjax("train", TINY, *common, "-o", f"output_dir={split}", cache=cache)
+    r = _sdjax("train", TINY, *common, "-o", f"output_dir={split}")
     assert r.returncode == 0, r.stderr
     assert "resumed from checkpoint at step" in r.stderr
     assert _losses(split) == losses  # the same run, loss for loss
