@@ -68,3 +68,12 @@ class NonFiniteError(TaskError):
 
 class NonFiniteLossError(SdjaxError, FloatingPointError):
     """Training met a NaN / inf loss or gradient, or was asked to export non-finite weights."""
+
+
+class QueueFull(SdjaxError):
+    """The server's queue holds `max_queue` jobs already, or it is shutting down (HTTP 503, not
+    the 422 of other SdjaxErrors: `sdjax.serve.app` has a handler for this class)."""
+
+
+class ServeInterrupted(SdjaxError):
+    """Raised in the server's progress callback to stop the running batch (POST /sdapi/v1/interrupt)."""

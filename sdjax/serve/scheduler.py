@@ -34,19 +34,12 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import QueueFull, SdjaxError
+from sdjax.errors import ServeInterrupted as Interrupted
 from sdjax.images import save_png
 from sdjax.pipeline import combine
 from sdjax.pipeline.generator import GenerationResult, model_hash
 from sdjax.serve import a1111
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue` jobs already (HTTP 503)."""
-
-
-class Interrupted(Exception):
-    """Raised in the progress callback to stop the running batch (POST /sdapi/v1/interrupt)."""
 
 
 @dataclasses.dataclass
