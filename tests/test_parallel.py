@@ -102,13 +102,14 @@ def mini_model(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fsdp_training_equals_single_device(mini_model, tmp_path):
-    """Same global batch of 4: 1 device vs FSDP over 4 (and 2 data x 2 fsdp) devices."""
+    """Same global batch of 4: 1 device vs 2 data x 2 FSDP devices (weights and AdamW moments
+    split over the fsdp axis, the batch over the data axis: both kinds of parallelism in one
+    mesh; each mesh compiles its own train step, the cost of this test)."""
     from sdjax.train.trainer import Trainer
     from test_train import _cfg
 
     runs, params = {}, {}
     for name, mesh in {"one": parallel.make_mesh(data=1, devices=jax.devices()[:1]),
-                       "fsdp4": parallel.make_mesh(data=1, fsdp=4, devices=jax.devices()[:4]),
                        "dp2xfsdp2": parallel.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])}.items():
         t = Trainer(_cfg(mini_model, tmp_path / name, batch_size=4, max_steps=3, ema_decay=None),
                     mesh=mesh, log=lambda m: None)
@@ -122,7 +123,7 @@ def test_fsdp_training_equals_single_device(mini_model, tmp_path):
             assert any("fsdp" in tuple(x.sharding.spec)
                        for x in mu if getattr(x, "ndim", 0) >= 2)
         params[name] = [np.asarray(x) for x in leaves]
-    for name in ("fsdp4", "dp2xfsdp2"):
+    for name in ("dp2xfsdp2",):
         np.testing.assert_allclose(runs[name], runs["one"], rtol=1e-4)
         # AdamW turns fp-rounding-sized gradient differences into lr-sized steps, so the
         # weights agree to a few learning rates (1e-3 here), not to fp rounding.

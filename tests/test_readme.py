@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from test_notebooks import docs_model_folder
+from conftest import FAST_COMPILE_FLAG
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -276,7 +277,7 @@ def _with_model(command: str, model: Path) -> str:
 def test_readme_shell_commands_run(sandbox):
     box, model = sandbox
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8",  # for --devices 8 --fsdp 8
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAG}",  # for --devices 8 --fsdp 8
                PATH=f"{Path(SDJAX).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     ran = 0
     for cmd, line in all_commands():

@@ -20,6 +20,7 @@ import webuiapi
 from PIL import Image
 
 from sdjax.images import read_infotext
+from conftest import FAST_COMPILE_FLAG
 
 # One worker runs the whole module: its module fixtures are costly and then built once.
 pytestmark = pytest.mark.xdist_group("test_serve")
@@ -35,9 +36,10 @@ def free_port() -> int:
 
 
 def serve_env(devices: int = 1) -> dict:
-    """The server's environment: no SDJAX_ settings but the run's compilation cache (conftest.py)."""
+    """The server's environment: no SDJAX_ settings or XLA flags but the run's compilation cache and fast-compile flag (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
-    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "XLA_FLAGS": FAST_COMPILE_FLAG,
+            "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
