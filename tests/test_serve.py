@@ -20,7 +20,6 @@ import webuiapi
 from PIL import Image
 
 from sdjax.images import read_infotext
-from conftest import FAST_COMPILE_FLAG
 
 # One worker runs the whole module: its module fixtures are costly and then built once.
 pytestmark = pytest.mark.xdist_group("test_serve")
@@ -36,11 +35,13 @@ def free_port() -> int:
 
 
 def serve_env(devices: int = 1) -> dict:
-    """The server's environment: no SDJAX_ settings or XLA flags but the run's compilation cache and fast-compile flag (conftest.py)."""
+    """The server's environment: no SDJAX_ settings or XLA flags but the run's compilation cache
+    (conftest.py). Not the suite's fast-compile flag: a request batched with others must give the
+    image it gives alone to the bit, as it does with the flags users run (at XLA's CPU
+    optimisation level 0 a batch of 8 and a batch of 1 round differently)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
-    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "XLA_FLAGS": FAST_COMPILE_FLAG,
-            "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
-            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
+    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "JAX_PLATFORMS": "cpu",
+            "JAX_NUM_CPU_DEVICES": str(devices), "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 
 
 def start_server(args, env, port, auth=None, timeout=240):
