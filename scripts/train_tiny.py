@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     spec = json.loads(Path(args.config).read_text())
     t0 = time.time()
-    if args.init_from:  # a trained model's text encoder, UNet, VAE and tokenizer, trained on
+    if args.init_from:  # fine-tune: a trained model's text encoder, UNet, VAE and tokenizer
         vae_dir = Path(args.init_from)
         log(f"fine-tuning from {vae_dir}")
     else:

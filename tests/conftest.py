@@ -1,5 +1,6 @@
-"""Shared test setup: sdjax's runtime settings, 8 simulated CPU devices, strict dtype promotion,
-a key fixture, the reference configs."""
+"""Shared test setup: sdjax's runtime settings, one persistent compilation cache per run, XLA's
+fast-compile CPU flag, 8 simulated CPU devices, strict dtype promotion, a key fixture, the
+reference configs, and an optional per-test timing log (SDJAX_TEST_TIMING_LOG)."""
 
 import os
 import shutil
@@ -29,8 +30,8 @@ JAX_CACHE, _OWN_CACHE = _session_cache_dir()
 os.environ["SDJAX_CACHE_DIR"] = str(JAX_CACHE)
 
 # The CPU backend's LLVM optimisation off, here and in the subprocesses that inherit XLA_FLAGS:
-# the suite's time is mostly XLA compiling tiny models, and this halves it (tests/test_generate.py:
-# 153 s -> 82 s). The HLO, its fusions and sdjax's kernel choice are unchanged; only the machine
+# the suite's time is mostly XLA compiling tiny models, and compile-bound tests take about half
+# as long (tests/test_generate.py alone: 153 s -> 82 s). The HLO, its fusions and sdjax's kernel choice are unchanged; only the machine
 # code is less optimised, which tiny models do not notice. Benchmarks strip XLA_FLAGS.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
