@@ -330,8 +330,14 @@ class Generator:
                                            embeddings_dir=r.embeddings_dir, embedding_cache=self.embeddings,
                                            lora_cache=self.loras)
             unet_state, net_infotext = nets.unet_state, nets.infotext
-            refiner_static = self._sdxl_fields(fields, params_extra, r, prompt_list, negative_list, width, height,
-                                               b, sigmas, nets)
+            refiner_static = sdxl.request_fields(pipe, self.discrete_model, fields, r, prompt_list,
+                                                 negative_list, width, height, b, sigmas, nets)
+            if r.refiner is not None:
+                path = Path(r.refiner.model_dir)
+                name = path.stem if path.is_file() else path.name
+                short = unet_file_hash(path)
+                params_extra["Refiner"] = f"{name} [{short}]" if short else name
+                params_extra["Refiner switch at"] = r.refiner_switch_at
         unet_in = int(pipe.unet.config.in_channels)
         nine = unet_in == 2 * channels + 1
         job = None
@@ -403,43 +409,6 @@ class Generator:
             }
             infotexts.append(metadata.format_infotext(prompt_list[i], negative_list[i], params))
         return GenerationResult(pil, latents, infotexts, seeds)
-
-    def _sdxl_fields(self, fields: dict, params_extra: dict, r: Request, prompt_list, negative_list, width: int,
-                     height: int, b: int, sigmas: np.ndarray, nets: networks.AppliedNetworks):
-        """SDXL's traced inputs (`sdjax.pipeline.sdxl`) into `fields`, the refiner's too; returns the
-        refiner UNet's graphdef (static) or None. `nets`: the base's LoRA-merged / embedding-grown
-        text encoders and the prompts with embedding names expanded (the refiner gets neither)."""
-        pipe = self.pipe
-        for text in list(prompt_list) + list(negative_list):
-            if len(prompts.split_and(text)) > 1 or len(prompts.prompt_schedule(text, len(sigmas) - 1)) > 1:
-                raise TaskError(f"prompt editing ([a:b:when], [a|b]) and AND are not supported for SDXL yet "
-                                f"(SD 1.x / 2.x only); write the prompt without them: {text!r}")
-        fields["cond"], fields["uncond"], fields["pooled"], fields["uncond_pooled"] = sdxl.encode_prompts(
-            pipe, nets.prompts, nets.negatives, r.clip_skip, nets=nets)
-        fields["time_ids"] = sdxl.conditioning(pipe, r, width, height, b)
-        fields["uncond_time_ids"] = sdxl.conditioning(pipe, r, width, height, b, negative=True)
-        refiner = r.refiner
-        if refiner is None:
-            return None
-        if getattr(refiner, "family", "sd") == "sd":
-            raise TaskError(f"refiner {getattr(refiner, 'model_dir', refiner)!r} is not an SDXL model (a loaded "
-                            "SDXL refiner Pipeline, e.g. stable-diffusion-xl-refiner-1.0)")
-        if refiner.unet.config.in_channels != refiner.vae.config.latent_channels \
-                or refiner.vae.config.latent_channels != pipe.vae.config.latent_channels:
-            raise TaskError("the refiner must be a plain (4-channel) SDXL UNet sharing the base's latent space")
-        k = sdxl.switch_index(self.discrete_model, sigmas, float(r.refiner_switch_at))
-        fields["switch_sigma"] = jnp.float32(sigmas[k])
-        fields["refiner_state"] = refiner.unet.state
-        (fields["refiner_cond"], fields["refiner_uncond"], fields["refiner_pooled"],
-         fields["refiner_uncond_pooled"]) = sdxl.encode_prompts(refiner, prompt_list, negative_list, r.clip_skip)
-        fields["refiner_time_ids"] = sdxl.conditioning(refiner, r, width, height, b)
-        fields["refiner_uncond_time_ids"] = sdxl.conditioning(refiner, r, width, height, b, negative=True)
-        path = Path(refiner.model_dir)
-        name = path.stem if path.is_file() else path.name
-        short = unet_file_hash(path)
-        params_extra["Refiner"] = f"{name} [{short}]" if short else name
-        params_extra["Refiner switch at"] = r.refiner_switch_at
-        return refiner.unet.graphdef
 
 
 def _traced_knob(name: str, value) -> jax.Array:

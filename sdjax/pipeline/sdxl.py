@@ -153,5 +153,38 @@ def switch_index(model: sampling.DiscreteModel, sigmas: np.ndarray, switch_at: f
     return int(np.sum(t >= cutoff - 1e-3))
 
 
+def request_fields(pipe, discrete_model: sampling.DiscreteModel, fields: dict, r, prompt_list, negative_list,
+                   width: int, height: int, b: int, sigmas: np.ndarray, nets):
+    """A request's SDXL traced inputs into `fields` (the generation function's arguments), the
+    refiner's too; returns the refiner UNet's graphdef (static) or None. `r`: the validated
+    `sdjax.pipeline.request.Request`; `nets`: the base's `networks.AppliedNetworks` (LoRA-merged /
+    embedding-grown text encoders, prompts with embedding names expanded; the refiner gets neither)."""
+    for text in list(prompt_list) + list(negative_list):
+        if len(prompts.split_and(text)) > 1 or len(prompts.prompt_schedule(text, len(sigmas) - 1)) > 1:
+            raise TaskError(f"prompt editing ([a:b:when], [a|b]) and AND are not supported for SDXL yet "
+                            f"(SD 1.x / 2.x only); write the prompt without them: {text!r}")
+    fields["cond"], fields["uncond"], fields["pooled"], fields["uncond_pooled"] = encode_prompts(
+        pipe, nets.prompts, nets.negatives, r.clip_skip, nets=nets)
+    fields["time_ids"] = conditioning(pipe, r, width, height, b)
+    fields["uncond_time_ids"] = conditioning(pipe, r, width, height, b, negative=True)
+    refiner = r.refiner
+    if refiner is None:
+        return None
+    if getattr(refiner, "family", "sd") == "sd":
+        raise TaskError(f"refiner {getattr(refiner, 'model_dir', refiner)!r} is not an SDXL model (a loaded "
+                        "SDXL refiner Pipeline, e.g. stable-diffusion-xl-refiner-1.0)")
+    if refiner.unet.config.in_channels != refiner.vae.config.latent_channels \
+            or refiner.vae.config.latent_channels != pipe.vae.config.latent_channels:
+        raise TaskError("the refiner must be a plain (4-channel) SDXL UNet sharing the base's latent space")
+    k = switch_index(discrete_model, sigmas, float(r.refiner_switch_at))
+    fields["switch_sigma"] = jnp.float32(sigmas[k])
+    fields["refiner_state"] = refiner.unet.state
+    (fields["refiner_cond"], fields["refiner_uncond"], fields["refiner_pooled"],
+     fields["refiner_uncond_pooled"]) = encode_prompts(refiner, prompt_list, negative_list, r.clip_skip)
+    fields["refiner_time_ids"] = conditioning(refiner, r, width, height, b)
+    fields["refiner_uncond_time_ids"] = conditioning(refiner, r, width, height, b, negative=True)
+    return refiner.unet.graphdef
+
+
 __all__ = ["AESTHETIC_SCORE", "NEGATIVE_AESTHETIC_SCORE", "conditioning", "encode_prompts", "penultimate_fn",
-           "switch_index", "time_ids"]
+           "request_fields", "switch_index", "time_ids"]
