@@ -16,6 +16,7 @@ interleave or duplicate records (`append_jsonl(..., unique_key=...)`).
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "to_rgb",
     "load_image",
     "load_mask",
+    "remove_stale_temp_files",
     "make_grid",
     "read_infotext",
     "read_jsonl",
@@ -87,7 +89,14 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], e
                 pass  # no fchmod (Windows): mkstemp's mode stays
             os.fsync(f.fileno())
         if exclusive:
-            os.link(tmp_name, path)  # atomic create-if-absent, the file already whole
+            try:
+                os.link(tmp_name, path)  # atomic create-if-absent, the file already whole
+            except FileNotFoundError:
+                # Our temp file is gone: a concurrent writer of the same file finished first and
+                # cleared the temp files left beside it (`remove_stale_temp_files`).
+                if path.exists():
+                    raise FileExistsError(f"{path} was written by another process first") from None
+                raise
             os.unlink(tmp_name)
         else:
             os.replace(tmp_name, path)
@@ -99,6 +108,22 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], e
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files `_atomic_write` leaves beside `path` when its process is killed
+    mid-write (`.NAME.XXXXXXXX.tmp`). Call it once `path` has been written exclusively: a
+    concurrent exclusive writer of the same file is then bound to fail with FileExistsError,
+    also when its temp file is removed here. Returns the removed files."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, infotext: str | None = None, *,

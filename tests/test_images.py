@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sdjax import images
 from sdjax.errors import SdjaxError
 from sdjax.images import (
     ImageError,
     append_jsonl,
     atomic_write_text,
     load_image,
+    remove_stale_temp_files,
     load_mask,
     make_grid,
     read_infotext,
@@ -201,3 +203,33 @@ def test_load_image_and_mask_ranges_and_resize(tmp_path):
     want = np.asarray(mask.resize((16, 8), Image.Resampling.LANCZOS), np.float32) / 255
     np.testing.assert_allclose(m2, want, atol=1e-6)
     assert m2[:, :2].min() == 1.0 and m2[:, 14:].max() == 0.0
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed_once_the_file_is_written(tmp_path):
+    # A writer killed mid-write (SIGKILL: no cleanup runs) leaves `.NAME.XXXX.tmp` beside NAME.
+    target = tmp_path / "00001-7-abc.png"
+    stale = [tmp_path / f".{target.name}.k1ll3d.tmp", tmp_path / f".{target.name}.0ther.tmp"]
+    for s in stale:
+        s.write_bytes(b"\x89PNG half")
+    other = tmp_path / ".00002-7-abc.png.k1ll3d.tmp"  # another image's: not ours to remove
+    other.write_bytes(b"x")
+    save_png(_image(1), target, "p", exclusive=True)
+    assert sorted(remove_stale_temp_files(target)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, other.name])
+    assert remove_stale_temp_files(target) == []
+
+
+def test_exclusive_writer_whose_temp_file_was_cleared_reports_the_file_exists(tmp_path):
+    # Two runs write the same image: the first finishes and clears the temp files beside it,
+    # the second's included; the second must see "exists" (and skip), not crash.
+    target = tmp_path / "same.png"
+
+    def write(f):
+        f.write(b"second writer")
+        save_png(_image(2), target, "first", exclusive=True)  # the concurrent run finishes first
+        remove_stale_temp_files(target)
+
+    with pytest.raises(FileExistsError):
+        images._atomic_write(target, write, exclusive=True)
+    assert read_infotext(target) == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["same.png"]

@@ -15,7 +15,8 @@ each image, under a file lock and only if that file has no record yet, so concur
 (even identical ones) leave one record per file. A rerun skips images whose file exists and
 reads back (a crash between the PNG and its manifest line is repaired by re-adding the
 line), so an interrupted run, rerun, ends with each image exactly once. A SIGINT / SIGTERM
-is held while an image and its record are written (`sdjax.interrupt.critical`).
+is held while an image and its record are written (`sdjax.interrupt.critical`); a SIGKILL
+mid-write leaves a temp file beside the image, removed once the image is written.
 
 Many hosts: `host_share(jobs, index, count)` gives host `index` of `count` a contiguous block
 of the run's images in their global order (host h: images [h*N//count, (h+1)*N//count)), so
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sdjax.errors import BatchError, SdjaxError
-from sdjax.images import append_jsonl, make_grid, read_infotext, read_jsonl, save_png
+from sdjax.images import append_jsonl, make_grid, read_infotext, read_jsonl, remove_stale_temp_files, save_png
 from sdjax.interrupt import critical
 
 MANIFEST = "manifest.jsonl"
@@ -232,6 +233,7 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
                 # killed between the PNG and its manifest line, or made by a concurrent run
                 with critical():
                     record({"file": name, "line": job.line, "infotext": read_infotext(p)})
+                    remove_stale_temp_files(p)  # a run killed while writing it
                 if on_image:
                     on_image(name, True)
         # Only the missing images are made again: each run of consecutive missing images is
@@ -255,6 +257,7 @@ def run_jobs(generate: Callable[..., Any], jobs: list[Job], out: Path, *, grid: 
                     except FileExistsError:  # the same request, finished first by a concurrent run
                         entry = {"file": name, "line": job.line, "infotext": read_infotext(out / name)}
                     record(entry)
+                    remove_stale_temp_files(out / name)  # a killed earlier run's half-written file
                 if on_image:
                     on_image(name, False)
             a = b
