@@ -73,12 +73,20 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(path: Path) -> str:
+    """The name `_atomic_write`'s temp file for `path` starts with: `.NAME.` (then random, then .tmp)."""
+    return f".{path.name}."
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], exclusive: bool = False) -> Path:
     """Run `write(binary_file)` on a temp file next to `path`, then rename it onto `path`
     (exclusive: hard-link it there, FileExistsError if `path` exists)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -117,7 +125,7 @@ def remove_stale_temp_files(path: str | os.PathLike) -> list[Path]:
     also when its temp file is removed here. Returns the removed files."""
     path = Path(path)
     removed = []
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f"{glob.escape(_temp_prefix(path))}*{_TEMP_SUFFIX}"):
         try:
             tmp.unlink()
             removed.append(tmp)

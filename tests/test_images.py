@@ -14,11 +14,11 @@ from sdjax.images import (
     append_jsonl,
     atomic_write_text,
     load_image,
-    remove_stale_temp_files,
     load_mask,
     make_grid,
     read_infotext,
     read_jsonl,
+    remove_stale_temp_files,
     save_png,
     to_pil,
 )
