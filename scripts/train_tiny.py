@@ -12,7 +12,10 @@ Stages, each resumable (rerun the same command after an interruption):
   4. unet: UNet and text encoder trained together through the fine-tuning stack
      (`sdjax.train.Trainer`), EMA weights exported; captions as people write them
      (`--captions varied`, `sdjax.data.phrasing`'s training frames, 30% in the template);
-  (--init-from DIR skips stages 1-3: the UNet stage fine-tunes that trained model instead;)
+  (--init-from DIR skips stages 1-3: the UNet stage fine-tunes that trained model instead;
+   with --vae-decoder-steps N, its VAE decoder is first fine-tuned alone, the encoder and so the
+   latents unchanged, edge-weighted: small shapes keep their corners; --unet-steps 0 then skips
+   the UNet stage;)
   5. export: fp16 safetensors diffusers folder at <out>/model (and, with --install,
      copied into sdjax/assets/tiny, where `sdjax generate` finds it).
 """
@@ -90,7 +93,8 @@ def stage_vae(out: Path, init_dir: Path, spec: dict, args) -> Path:
     pipe = load_pipeline(init_dir)
     data = SyntheticCaptions(65536, seed=args.seed, resolution=spec["resolution"])
     params, scaling = train_vae(pipe.vae, data, out / "vae_run", steps=args.vae_steps,
-                                batch_size=args.vae_batch, learning_rate=args.vae_lr, seed=args.seed, log=log)
+                                batch_size=args.vae_batch, learning_rate=args.vae_lr, seed=args.seed,
+                                edge_weight=args.vae_edge_weight, log=log)
     log(f"vae trained; latent scaling_factor = {scaling:.4f}")
     tmp = out / "vae_done.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,6 +106,41 @@ def stage_vae(out: Path, init_dir: Path, spec: dict, args) -> Path:
     return folder
 
 
+def stage_vae_decoder(out: Path, src: Path, args) -> Path:
+    """A copy of the model folder `src` whose VAE decoder is fine-tuned alone (`train_vae(parts=
+    "decoder")`): the encoder, the scaling factor and so the UNet's latents stay as they are."""
+    from flax import nnx
+
+    from sdjax.data.datasets import SyntheticCaptions
+    from sdjax.pipeline import load_pipeline
+    from sdjax.train.vae import train_vae
+    from sdjax.weights import export
+    from sdjax.weights.mapping import export_state
+
+    folder = out / "vae_decoder_done"
+    if (folder / "model_index.json").exists():
+        return folder
+    pipe = load_pipeline(src)
+    vae_cfg = json.loads((src / "vae" / "config.json").read_text())
+    data = SyntheticCaptions(65536, seed=0, resolution=vae_cfg["sample_size"])
+    t0 = time.time()
+    params, _ = train_vae(pipe.vae, data, out / "vae_decoder_run", steps=args.vae_decoder_steps,
+                          batch_size=args.vae_batch, learning_rate=args.vae_decoder_lr, seed=args.seed,
+                          edge_weight=args.vae_edge_weight, parts="decoder", latent_noise=args.vae_latent_noise,
+                          log=log)
+    log(f"vae decoder stage: {(time.time() - t0) / 60:.1f} min wall")
+    tmp = out / "vae_decoder_done.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    for old in (tmp / "vae").glob("*.safetensors"):
+        old.unlink()
+    export.save_component(tmp, "vae", export_state(nnx.merge(pipe.vae.graphdef, params)), vae_cfg,
+                          dtype="float16")
+    tmp.rename(folder)
+    log(f"fine-tuned vae decoder written to {folder}")
+    return folder
+
+
 def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
     from sdjax.data.datasets import SyntheticCaptions
     from sdjax.data.synthetic import SyntheticConfig
@@ -110,6 +149,11 @@ def stage_unet(out: Path, vae_dir: Path, spec: dict, args) -> Path:
 
     final = out / "model"
     if (final / "model_index.json").exists():
+        return final
+    if args.unet_steps == 0:  # nothing to train here: the model is the previous stage's
+        shutil.copytree(vae_dir, out / "model.tmp", dirs_exist_ok=True)
+        (out / "model.tmp").rename(final)
+        log(f"no unet stage (--unet-steps 0): {vae_dir} exported as {final}")
         return final
     cfg = TrainConfig(
         model=str(vae_dir), data=f"synthetic:{args.seed}", output_dir=str(out / "unet_run"),
@@ -145,11 +189,18 @@ def main(argv=None) -> int:
     p.add_argument("--vae-steps", type=int, default=1100)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=3e-3)
-    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--unet-steps", type=int, default=3500, help="0: no UNet stage")
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--captions", default="varied", choices=("varied", "template"),
                    help="caption style of the UNet stage (sdjax.data.synthetic.SyntheticConfig.captions)")
+    p.add_argument("--vae-decoder-steps", type=int, default=0,
+                   help="with --init-from: first fine-tune its VAE decoder alone for this many steps")
+    p.add_argument("--vae-decoder-lr", type=float, default=2e-3)
+    p.add_argument("--vae-edge-weight", type=float, default=8.0,
+                   help="extra weight of edge pixels in the VAE loss (sdjax.train.vae.edge_map)")
+    p.add_argument("--vae-latent-noise", type=float, default=0.0,
+                   help="decoder stage: noise std added to the latents it decodes (scaled latent units)")
     p.add_argument("--vae-from", help="reuse the VAE of this model folder instead of training one")
     p.add_argument("--init-from", help="fine-tune: start the UNet stage from this model folder (all its "
                    "weights and its tokenizer; stages 1-3 are skipped), e.g. sdjax/assets/tiny")
@@ -166,6 +217,8 @@ def main(argv=None) -> int:
     if args.init_from:  # fine-tune: a trained model's text encoder, UNet, VAE and tokenizer
         vae_dir = Path(args.init_from)
         log(f"fine-tuning from {vae_dir}")
+        if args.vae_decoder_steps:
+            vae_dir = stage_vae_decoder(out, vae_dir, args)
     else:
         tok = stage_tokenizer(out)
         init_dir = stage_init(out, spec, tok, args.seed)
