@@ -3,8 +3,9 @@ it cannot run in CI, and then checked for syntax and for flags the CLI really ha
 
 How README blocks are run:
 - ```bash blocks: split into commands (backslash continuations joined, comments dropped, `&&`
-  chains split); each command runs with `bash -c` in one sandbox folder, in README order (a
-  later command may read an earlier one's output, e.g. `red_circle.png`), and must exit 0.
+  chains split); the runnable ones (all `sdjax ...`) run in README order in one sandbox folder,
+  in one subprocess through `sdjax.cli.main`, which the `sdjax` script calls (a later command
+  may read an earlier one's output, e.g. `red_circle.png`), and each must exit 0.
 - ```python blocks: executed in README order in one namespace, in this process (so a later
   block may use `pipe` from an earlier one), with PRELUDE defining the arrays that the API
   overview leaves abstract (`latents_nhwc`, `timesteps`, `images_nhwc`).
@@ -273,26 +274,47 @@ def _with_model(command: str, model: Path) -> str:
     return command
 
 
+# Runs README commands, one `sdjax ...` line per line of stdin, through `sdjax.cli.main` (what the
+# `sdjax` script calls) in this one process: the README's commands as users type them, without
+# paying Python's and JAX's start-up and a cache load for each. Prints "RC <line> <status>" after
+# each (with its seconds) and stops at the first non-zero status. Run with `python -P` (as the script runs): the
+# sandbox's own sdjax/assets folder must not shadow the package.
+RUNNER = """
+import shlex, sys, time
+from sdjax import cli
+for text in sys.stdin.read().splitlines():
+    line, command = text.split(" ", 1)
+    argv = shlex.split(command, comments=True)
+    assert argv[0] == "sdjax", argv
+    print(f"RUN {line} {command}", flush=True)
+    start = time.time()
+    status = cli.main(argv[1:])
+    print(f"RC {line} {status} {time.time() - start:.1f}s", flush=True)
+    if status:
+        sys.exit(status)
+"""
+
+
 @pytest.mark.slow
 def test_readme_shell_commands_run(sandbox):
     box, model = sandbox
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAG}",  # for --devices 8 --fsdp 8
                PATH=f"{Path(SDJAX).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    ran = 0
-    for cmd, line in all_commands():
-        if not_run_reason(cmd):
-            continue
-        full = _with_model(cmd, model)
-        out = subprocess.run(["bash", "-c", full], cwd=box, env=env, capture_output=True, text=True,
-                             timeout=900)
-        assert out.returncode == 0, f"README.md line {line}: `{full}` exited {out.returncode}:\n" \
-                                    f"{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    commands = [(_with_model(cmd, model), line) for cmd, line in all_commands() if not not_run_reason(cmd)]
+    assert len(commands) >= 10 and all(c.startswith("sdjax ") and "\n" not in c for c, _ in commands)
+    out = subprocess.run([sys.executable, "-P", "-c", RUNNER], cwd=box, env=env, capture_output=True, text=True,
+                         timeout=1500, input="".join(f"{line} {cmd}\n" for cmd, line in commands))
+    statuses = re.findall(r"^RC (\d+) (\S+) \S+s$", out.stdout, flags=re.M)
+    ran = len(statuses)
+    print("\n".join(re.findall(r"^RC .*$", out.stdout, flags=re.M)))  # per-command seconds, shown by -rP
+    assert out.returncode == 0 and ran == len(commands) and all(s == "0" for _, s in statuses), \
+        f"README.md line {commands[min(ran, len(commands) - 1)][1]}: `{commands[min(ran, len(commands) - 1)][0]}` " \
+        f"failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    for cmd, line in commands:
         png = re.search(r"--out (\S+\.png)\b", cmd)
         if png:
             assert (box / png.group(1)).is_file(), f"README.md line {line}: no {png.group(1)}"
-        ran += 1
-    assert ran >= 10
 
 
 # Python blocks that need published weights CI does not have (the same calls run on tiny random
