@@ -118,15 +118,17 @@ def param_shardings(tree, mesh: Mesh, mode: str = "replicate"):
     return jax.tree.map(one, tree)
 
 
-def shard_params(state, mesh: Mesh, mode: str = "replicate"):
+def shard_params(state, mesh: Mesh, mode: str = "replicate", *, copy: bool = False):
     """Place a parameter pytree (an nnx.State, an optimizer state, ...) on `mesh`.
 
     mode="replicate": every device holds every weight (data parallel).
     mode="fsdp": each parameter's largest axis divisible by the fsdp mesh axis is split over
     it, so each device holds ~1/fsdp of the weights; under jit XLA gathers them where they
     are used and reduce-scatters their gradients (no hand-written collectives).
+    copy: new buffers even where a leaf is already placed so (a state that will be donated must
+    not share buffers with the arrays it came from); a transfer, no compiled program per shape.
     """
-    return jax.device_put(state, param_shardings(state, mesh, mode))
+    return jax.device_put(state, param_shardings(state, mesh, mode), may_alias=False if copy else None)
 
 
 def loading_sharding(mesh: Mesh, mode: str = "replicate"):

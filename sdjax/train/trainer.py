@@ -111,7 +111,7 @@ class Trainer:
         # has an fsdp axis; XLA then gathers weights where used and reduce-scatters gradients.
         self.param_mode = "fsdp" if self.mesh.shape["fsdp"] > 1 else "replicate"
         # Copies: the train state is donated to the step, and must not alias the pipeline's weights.
-        put = lambda tree: parallel.shard_params(jax.tree.map(jnp.copy, tree), self.mesh, self.param_mode)  # noqa: E731
+        put = lambda tree: parallel.shard_params(tree, self.mesh, self.param_mode, copy=True)  # noqa: E731
         params = {"unet": put(self.pipe.unet.state)}
         frozen = {"vae": put(self.pipe.vae.state)}
         if self.lora is not None:  # base UNet frozen: neither in the optimizer state nor updated
@@ -128,7 +128,9 @@ class Trainer:
         self.frozen = frozen
         # Every leaf placed explicitly (optimizer counters included), so a restored state
         # lands on the same devices as a fresh one.
-        self.state = put(train_step_lib.init_state(params, self.optimizer, ema=cfg.ema_decay is not None))
+        # One compiled program builds the optimizer state and the EMA, not one per weight shape.
+        init = jax.jit(lambda p: train_step_lib.init_state(p, self.optimizer, ema=cfg.ema_decay is not None))
+        self.state = put(init(params))
         self.batch_sharding = parallel.batch_sharding(self.mesh, batch_axis=1)
         # The new state keeps the old one's shardings (so donation reuses its buffers).
         self.step_fn = jax.jit(step_fn, donate_argnums=(0,),
@@ -283,8 +285,8 @@ def _check_sdxl(cfg: TrainConfig, pipe) -> None:
 
 def check_finite(states) -> None:
     """NonFiniteLossError naming how many weight tensors hold NaN / inf (nothing is exported then)."""
-    leaves = jax.tree.leaves(states)
-    bad = sum(not bool(jnp.isfinite(x).all()) for x in leaves if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact))
+    leaves = [np.asarray(x) for x in jax.tree.leaves(states)]  # on the host: no program per weight shape
+    bad = sum(not np.isfinite(x).all() for x in leaves if np.issubdtype(x.dtype, np.inexact))
     if bad:
         raise NonFiniteLossError(f"{bad} of {len(leaves)} weight tensors hold NaN/inf values; refusing to export "
                                  "them (resume from an earlier checkpoint with a lower learning_rate)")
