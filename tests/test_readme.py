@@ -308,9 +308,11 @@ def test_readme_shell_commands_run(sandbox):
     statuses = re.findall(r"^RC (\d+) (\S+) \S+s$", out.stdout, flags=re.M)
     ran = len(statuses)
     print("\n".join(re.findall(r"^RC .*$", out.stdout, flags=re.M)))  # per-command seconds, shown by -rP
-    assert out.returncode == 0 and ran == len(commands) and all(s == "0" for _, s in statuses), \
-        f"README.md line {commands[min(ran, len(commands) - 1)][1]}: `{commands[min(ran, len(commands) - 1)][0]}` " \
-        f"failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    # The failing command: the one whose status is not 0, or the one after the last reported.
+    failed = next((i for i, (_, status) in enumerate(statuses) if status != "0"), ran)
+    cmd, line = commands[min(failed, len(commands) - 1)]
+    assert out.returncode == 0 and ran == len(commands) and failed == ran, \
+        f"README.md line {line}: `{cmd}` failed (exit {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     for cmd, line in commands:
         png = re.search(r"--out (\S+\.png)\b", cmd)
         if png:
