@@ -276,9 +276,9 @@ def _with_model(command: str, model: Path) -> str:
 
 # Runs README commands, one `sdjax ...` line per line of stdin, through `sdjax.cli.main` (what the
 # `sdjax` script calls) in this one process: the README's commands as users type them, without
-# paying Python's and JAX's start-up and a cache load for each. Prints "RC <line> <status>" after
-# each (with its seconds) and stops at the first non-zero status. Run with `python -P` (as the script runs): the
-# sandbox's own sdjax/assets folder must not shadow the package.
+# paying Python's and JAX's start-up and a cache load for each. Prints "RC <line> <status>
+# <seconds>s" after each and stops at the first non-zero status. Run with `python -P` (as the
+# script runs): the sandbox's own sdjax/assets folder must not shadow the package.
 RUNNER = """
 import shlex, sys, time
 from sdjax import cli

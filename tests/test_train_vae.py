@@ -12,18 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from test_train import MINI_SPEC
+from test_train import mini_model  # noqa: F401 -- the module-scoped mini model fixture
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def mini_model(tmp_path_factory):
-    from sdjax.data.tokenizer import train_tokenizer
-    from sdjax.train.init import init_pipeline_folder
-
-    root = tmp_path_factory.mktemp("mini-vae")
-    return init_pipeline_folder(root / "model", MINI_SPEC, train_tokenizer(root / "tok"), seed=0)
 
 
 def _edge_map_numpy(images: np.ndarray) -> np.ndarray:
@@ -54,7 +45,7 @@ def test_edge_map_marks_both_sides_of_an_edge_and_nothing_else():
     assert not np.asarray(edge_map(jnp.zeros((2, 8, 8, 3)))).any()
 
 
-def test_vae_loss_weighs_edge_pixels(mini_model):
+def test_vae_loss_weighs_edge_pixels(mini_model):  # noqa: F811
     """The loss with edge_weight w is the mean of (1 + w * edge) / mean(1 + w * edge) times the L1 +
     L2 error, plus the KL term: computed here by hand from the same latent sample."""
     import sdjax
@@ -86,7 +77,7 @@ def _leaves(state, parts):
 
 
 @pytest.mark.slow
-def test_decoder_only_training_keeps_the_encoder_and_resumes(mini_model, tmp_path):
+def test_decoder_only_training_keeps_the_encoder_and_resumes(mini_model, tmp_path):  # noqa: F811
     import sdjax
     from sdjax.data.datasets import SyntheticCaptions
     from sdjax.train.vae import train_vae
@@ -114,7 +105,7 @@ def test_decoder_only_training_keeps_the_encoder_and_resumes(mini_model, tmp_pat
 
 
 @pytest.mark.slow
-def test_train_tiny_decoder_stage_writes_a_model_with_the_same_encoder(mini_model, tmp_path):
+def test_train_tiny_decoder_stage_writes_a_model_with_the_same_encoder(mini_model, tmp_path):  # noqa: F811
     """`train_tiny.py --init-from M --vae-decoder-steps 2 --unet-steps 0`: a model folder whose VAE
     encoder, scaling factor, UNet and text encoder are M's, its decoder fine-tuned, in float16."""
     spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
