@@ -5,7 +5,7 @@
     python scripts/bench_load.py --quick         # tiny config, for tests
 
 The file is written without torch: tensor names and shapes come from sdjax's own
-abstract UNet (`nnx.eval_shape`), values are random. Both timings run on a warm
+abstract UNet (`abstract_model`: shapes only), values are random. Both timings run on a warm
 page cache (the file is read once before timing), so the ratio measures
 sdjax's conversion overhead (transposes, casts, device placement), not the disk.
 Target: ratio under 2.
@@ -47,10 +47,11 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 def torch_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     """Torch name -> torch-layout shape of every UNet parameter, from the abstract sdjax model."""
     from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+    from sdjax.weights.diffusers import abstract_model
     from sdjax.weights.mapping import to_torch_layout, torch_name
 
     cfg = UNetConfig.from_dict(config)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNet2DConditionModel, cfg)
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(abstract)):
         shape = var.get_value().shape

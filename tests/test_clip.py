@@ -14,6 +14,7 @@ from flax import nnx
 
 from sdjax.errors import ConfigError
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextOutput
+from sdjax.weights.diffusers import abstract_model
 from sdjax.weights.mapping import load_state
 from sdjax.weights.names import clip_text, is_ignored
 
@@ -59,7 +60,7 @@ def _flat(model: torch.nn.Module, layout: str) -> dict:
 
 
 def _jax_model(cfg: CLIPTextConfig, flat: dict, dtype=jnp.float32, param_dtype=jnp.float32) -> CLIPTextModel:
-    abstract = nnx.eval_shape(lambda: CLIPTextModel(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    abstract = abstract_model(CLIPTextModel, cfg, dtype, param_dtype)
     return load_state(abstract, clip_text(flat), ignore=is_ignored)
 
 

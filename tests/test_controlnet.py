@@ -23,6 +23,7 @@ from sdjax.models.controlnet import ControlNetConfig, guess_mode_scales, sum_res
 from sdjax.pipeline.components import _pure
 from sdjax.weights import controlnet_files as cf
 from sdjax.weights.mapping import export_state
+from sdjax.weights.diffusers import abstract_model
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -457,7 +458,7 @@ def test_full_size_sd15_controlnet_parity():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
                 p.normal_(0, 0.02)
     cfg = ControlNetConfig.from_dict(dict(cn.config))
-    abstract = nnx.eval_shape(lambda: ControlNetModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(ControlNetModel, cfg)
     model = load_state(abstract, {k: v.numpy() for k, v in cn.state_dict().items()})
     graphdef, state = nnx.split(model)
     apply = jax.jit(_pure(graphdef, "__call__"), compiler_options=_FAST_COMPILE)

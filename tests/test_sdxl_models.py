@@ -18,6 +18,7 @@ from conftest import reference
 from sdjax.errors import ConfigError
 from sdjax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig
+from sdjax.weights.diffusers import abstract_model
 from sdjax.weights import names
 from sdjax.weights.mapping import load_state
 
@@ -72,7 +73,7 @@ class _Consuming(dict):
 
 def _ours_unet(d: dict, flat) -> UNet2DConditionModel:
     cfg = UNetConfig.from_dict(d)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNet2DConditionModel, cfg)
     return load_state(abstract, flat, source="diffusers UNet")
 
 
@@ -141,7 +142,7 @@ def test_reference_configs_read():
     assert refiner.block_out_channels == (384, 768, 1536, 1536)
     d = _config("sdxl-base")
     d.update(TINY_UNET["sdxl-base"])
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(UNetConfig.from_dict(d), rngs=nnx.Rngs(0)))
+    abstract = abstract_model(UNet2DConditionModel, UNetConfig.from_dict(d))
     paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(abstract))}
     assert {"add_embedding.linear_1.kernel", "add_embedding.linear_2.bias"} <= paths
     assert not any(p.startswith("down_blocks.0.attentions") for p in paths)  # no attention in block 0
@@ -184,7 +185,7 @@ def _te_pair(cfg_dict, cls_torch, cls_ours, seed=0):
         for p in ref.parameters():
             p.add_(0.02 * torch.randn_like(p))
     cfg = CLIPTextConfig.from_dict(cfg_dict)
-    abstract = nnx.eval_shape(lambda: cls_ours(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cls_ours, cfg)
     model = load_state(abstract, names.clip_text({k: v.numpy() for k, v in ref.state_dict().items()}),
                        ignore=names.is_ignored)
     return ref, model
@@ -226,7 +227,7 @@ def test_full_size_text_encoders(component, cls_torch, cls_ours):
     with torch.no_grad():
         want = ref(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
     cfg = CLIPTextConfig.from_dict(d)
-    abstract = nnx.eval_shape(lambda: cls_ours(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cls_ours, cfg)
     model = load_state(abstract, names.clip_text({k: v.numpy() for k, v in ref.state_dict().items()}),
                        ignore=names.is_ignored)
     del ref

@@ -18,6 +18,7 @@ from sdjax.errors import CheckpointError, UnsafePickleError
 from sdjax.weights import diffusers as diffusers_folder
 from sdjax.weights import ldm
 from sdjax.weights.files import read_component_weights
+from sdjax.weights.diffusers import abstract_model
 from sdjax.weights.single_file import (
     convert_diffusers_to_single_file, convert_single_file_to_diffusers, load_single_file_models,
     load_tokenizer, read_single_file, read_state, template_configs,
@@ -307,7 +308,7 @@ def test_full_size_names_match_diffusers_converter(ref_name):
             ("vae", VAEConfig, AutoencoderKL, ldm.vae_to_ldm, ldm.VAE_PREFIX, convert_ldm_vae_checkpoint)):
         raw = json.loads((ref / kind / "config.json").read_text())
         cfg = cfg_cls.from_dict(raw)
-        abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
+        abstract = abstract_model(model_cls, cfg)
         names = {torch_name(p): np.zeros((1,), np.float32) for p, _ in nnx.to_flat_state(nnx.state(abstract))}
         ours = {prefix + k: v for k, v in to_ldm(names, raw).items()}
         theirs = convert(ours, raw)

@@ -20,6 +20,7 @@ from conftest import reference
 from sdjax.errors import ConfigError
 from sdjax.models.unet import UNet2DConditionModel, UNetConfig, num_down_residuals, timestep_embedding
 from sdjax.weights import names
+from sdjax.weights.diffusers import abstract_model
 from sdjax.weights.mapping import load_state
 
 diffusers = pytest.importorskip("diffusers")
@@ -49,19 +50,9 @@ def _torch_unet(d: dict, seed: int = 0):
     return unet
 
 
-class _AbstractRngs:
-    """Keys for `nnx.eval_shape` only, where their values never matter. nnx.Rngs bumps a traced
-    counter per parameter, and flax 0.12.8 + jax 0.10 then build a tracer error message
-    (`getattr(tracer, 'sharding')`) that costs O(trace length) each time: ~15 s per UNet."""
-
-    def params(self):
-        return jax.random.key(0)
-
-
 def _ours(d: dict, torch_unet, *, dtype=jnp.float32, param_dtype=jnp.float32) -> UNet2DConditionModel:
     cfg = UNetConfig.from_dict(d)
-    abstract = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, rngs=_AbstractRngs(), dtype=dtype,
-                                                           param_dtype=param_dtype))
+    abstract = abstract_model(UNet2DConditionModel, cfg, dtype, param_dtype)
     flat = names.unet({k: v.numpy() for k, v in torch_unet.state_dict().items()})
     return load_state(abstract, flat, source="diffusers UNet state_dict")
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 from sdjax.errors import CheckpointError, ConfigError
 from sdjax.models.vae import AutoencoderKL, VAEConfig, sample_posterior
+from sdjax.weights.diffusers import abstract_model
 from sdjax.weights import mapping, names
 
 REFERENCES = ("sd15", "sd21", "sd2-inpainting")
@@ -49,7 +50,7 @@ def state_dict_np(model) -> dict:
 
 def load(d: dict, flat: dict, **kw) -> AutoencoderKL:
     cfg = VAEConfig.from_dict(d)
-    abstract = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0), **kw))
+    abstract = abstract_model(AutoencoderKL, cfg, **kw)
     return mapping.load_state(abstract, names.vae(flat))
 
 
