@@ -14,7 +14,7 @@ from PIL import Image
 from sdjax.pipeline import batch
 from sdjax.images import make_grid, read_infotext
 from sdjax_tiny import write_tiny_folder
-from conftest import FAST_COMPILE_FLAG
+from conftest import FAST_COMPILE_FLAGS
 
 PROMPTS = 'a red cube\n{"prompt": "a blue ball", "batch_size": 3}\n# skipped\ngreen hills\n{"prompt": "sea", "seed": 40}\n'
 ARGS = ["--steps", "2", "--width", "64", "--height", "64", "--batch-size", "2"]
@@ -62,7 +62,7 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
     """The CLI's environment: no SDJAX_ settings or XLA flags but the run's compilation cache and fast-compile flag (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
-    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "XLA_FLAGS": FAST_COMPILE_FLAG,
+    return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "XLA_FLAGS": FAST_COMPILE_FLAGS,
             "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}
 

@@ -82,6 +82,10 @@ def test_notebook_runs_top_to_bottom(name, model, tmp_path):
     env_before = dict(os.environ)
     # The kernel inherits the environment: keep its JAX on the host CPU like the suite's.
     os.environ["JAX_PLATFORMS"] = "cpu"
+    # ...and the suite's persistent compilation cache (JAX reads its config from JAX_* variables),
+    # as the CLI subprocesses use it: programs other tests compiled are loaded, not recompiled.
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SDJAX_CACHE_DIR"]
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     try:
         t0 = time.perf_counter()
         NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",

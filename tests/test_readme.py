@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from test_notebooks import docs_model_folder
-from conftest import FAST_COMPILE_FLAG
+from conftest import FAST_COMPILE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -299,7 +299,7 @@ for text in sys.stdin.read().splitlines():
 def test_readme_shell_commands_run(sandbox):
     box, model = sandbox
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAG}",  # for --devices 8 --fsdp 8
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",  # for --devices 8 --fsdp 8
                PATH=f"{Path(SDJAX).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     commands = [(_with_model(cmd, model), line) for cmd, line in all_commands() if not not_run_reason(cmd)]
     assert len(commands) >= 10 and all(c.startswith("sdjax ") and "\n" not in c for c, _ in commands)

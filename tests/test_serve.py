@@ -99,6 +99,14 @@ def pixels(image):
     return np.asarray(image.convert("RGB"), np.int16)
 
 
+def assert_same_up_to_rounding(a, b):
+    """The same image, up to float rounding: the server's program for a request need not be the
+    CLI's or another batch's (XLA tiles and fuses each compiled program its own way), so a pixel
+    may land one level apart. A different seed, prompt or setting changes far more."""
+    diff = np.abs(pixels(a) - pixels(b))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
 @pytest.mark.slow  # a CLI run or a new batch shape to compile: ~50 s on 2 shared cores
 def test_txt2img_equals_the_cli_and_png_info_reads_it_back(api, tmp_path):
     result = api.txt2img(prompt="a red cube", negative_prompt="blurry", seed=7, batch_size=2, **COMMON)
@@ -108,7 +116,7 @@ def test_txt2img_equals_the_cli_and_png_info_reads_it_back(api, tmp_path):
                 "--out", tmp_path / "cli")
     assert len(files) == 2
     for image, infotext, path in zip(result.images, result.info["infotexts"], files):
-        assert np.array_equal(pixels(image), pixels(Image.open(path)))  # pixel-identical
+        assert_same_up_to_rounding(image, Image.open(path))
         assert infotext == read_infotext(path)
         assert image.info["parameters"] == infotext  # the A1111 `parameters` PNG chunk
     back = api.png_info(result.images[1])
@@ -129,7 +137,7 @@ def test_inpaint_equals_the_cli(api, tmp_path):
     files = cli("inpaint", "a door", "--image", tmp_path / "init.png", "--mask", tmp_path / "mask.png",
                 "--seed", 3, "--strength", 0.6, "--masked-content", "original", "--mask-blur", 4, "--steps", 3,
                 "--cfg-scale", 5, "--sampler", "Euler a", "--out", tmp_path / "cli")
-    assert np.array_equal(pixels(result.images[0]), pixels(Image.open(files[0])))
+    assert_same_up_to_rounding(result.images[0], Image.open(files[0]))
     assert result.info["infotexts"][0] == read_infotext(files[0])
     assert not np.array_equal(pixels(result.images[0]), pixels(init))  # it did repaint
 
@@ -169,8 +177,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_images(api, server):
     # The same request served alone: a batch of 1, another compiled program, so the float rounding
     # may differ (XLA tiles a batch-8 matmul differently); the image is otherwise the same.
     alone = api.txt2img(prompt="prompt number 5", seed=150, **COMMON)
-    diff = np.abs(pixels(results[5].image) - pixels(alone.image))
-    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())
+    assert_same_up_to_rounding(results[5].image, alone.image)
     assert results[5].info["infotexts"] == alone.info["infotexts"]
     assert len({pixels(r.image).tobytes() for r in results.values()}) == 8
 

@@ -276,13 +276,15 @@ def machine_info() -> dict:
 # ---- subprocess workers: fresh processes for caches, XLA flags and peak memory ------------
 
 def run_worker(spec: dict, *, xla_flags: str | None = None, timeout_s: int = 1800) -> dict:
-    """Run `worker(spec)` in a fresh `python -m bench.parts` process; its result dict, or {'error': ...}."""
+    """Run `worker(spec)` in a fresh `python -m bench.parts` process; its result dict, or {'error': ...}.
+
+    The worker runs under this process's XLA_FLAGS (the machine line records them), with
+    `xla_flags` (a lever's) appended."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
     scripts = str(Path(__file__).resolve().parents[1])  # `bench` is a package in scripts/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (scripts, env.get("PYTHONPATH")) if p)
     if xla_flags:
-        env["XLA_FLAGS"] = xla_flags
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
     try:
         proc = subprocess.run([sys.executable, "-m", "bench.parts", json.dumps(spec)], env=env,
                               capture_output=True, text=True, timeout=timeout_s)
