@@ -37,6 +37,7 @@ os.environ["SDJAX_CACHE_DIR"] = str(JAX_CACHE)
 #  - fusions emitted by XLA's older elemental emitter instead of its MLIR fusion emitters:
 #    another ~25% off a tiny UNet's compile (its gradient: 4.5 -> 3.2 s). Only added when this
 #    jaxlib knows the flag (XLA aborts on an unknown one), checked once in a subprocess.
+# (One thread per operation, XLA's and torch's, was tried for `-n 2` on 2 cores: 17% slower.)
 # The benchmark smoke tests keep them too: they check what is printed, not the timings.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 FUSION_EMITTER_FLAG = "--xla_cpu_use_fusion_emitters=false"
