@@ -60,7 +60,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    """The CLI's environment: no SDJAX_ settings or XLA flags but the run's compilation cache and fast-compile flag (conftest.py)."""
+    """The CLI's environment: no SDJAX_ settings or XLA flags but the run's compilation cache and fast-compile flags (conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SDJAX_", "XLA_FLAGS"))}
     return {**env, "SDJAX_CACHE_DIR": os.environ["SDJAX_CACHE_DIR"], "XLA_FLAGS": FAST_COMPILE_FLAGS,
             "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
