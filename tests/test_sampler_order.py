@@ -64,6 +64,29 @@ def test_gaussian_exact_flow_and_mixture_reference():
                                np.asarray(GAUSS.denoise(jnp.asarray(x), 1.5)), rtol=1e-5)
 
 
+def test_convergence_reuses_the_exact_flow_only_for_the_same_problem_and_start():
+    """convergence() remembers exact flows (the mixture's RK4 reference is its costliest part)
+    and runs all step counts in one program: the same numbers as each step count on its own,
+    and a problem, start or sigma range that differs in any way gets its own flow."""
+    from sdjax.sampling import analytic
+
+    mixture = GaussianMixture.default(dim=2)
+    moved = GaussianMixture(means=mixture.means + 1e-3, stds=mixture.stds, weights=mixture.weights)
+    together = convergence("dpmpp_2m", mixture, [4, 8], batch=4)
+    alone = [convergence("dpmpp_2m", mixture, [n], batch=4) for n in (4, 8)]
+    assert together == ([a[0][0] for a in alone], [a[1][0] for a in alone])
+    x = np.random.default_rng(1).normal(size=(4, 2)) * 20
+    for problem, start, ends in ((mixture, x, (20.0, 0.02)), (moved, x, (20.0, 0.02)),
+                                 (mixture, x + 1e-9, (20.0, 0.02)), (mixture, x, (20.0, 0.03)),
+                                 (GAUSS, x, (20.0, 0.02)), (Gaussian(0.3, 0.6), x, (20.0, 0.02))):
+        for _ in range(2):  # computed, then remembered: both equal to a fresh solution
+            np.testing.assert_array_equal(analytic._exact_flow(problem, start, *ends),
+                                          problem.ode_solution(start, *ends))
+    # The remembered array is not handed out: a caller changing it changes nothing stored.
+    analytic._exact_flow(mixture, x, 20.0, 0.02)[:] = 0.0
+    np.testing.assert_array_equal(analytic._exact_flow(mixture, x, 20.0, 0.02), mixture.ode_solution(x, 20.0, 0.02))
+
+
 def _keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
