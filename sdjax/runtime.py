@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -19,6 +20,15 @@ from pathlib import Path
 # float32 speed unchanged. XLA reads this flag only from XLA_FLAGS (a jit's
 # compiler_options do not reach it), so it must be set before JAX starts its backend.
 SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+
+# CPython's cyclic garbage collector, by default, collects its youngest generation every 700
+# net allocations and every generation after 100 of those. Tracing a model (JAX builds its
+# jaxpr from millions of short-lived Python objects) then spends ~30% of its time in the
+# collector, walking every object the process holds: a small train step traced in 1.8 s
+# instead of 1.3 s, `sdjax generate` took ~5% longer. Collections 70x rarer keep cyclic garbage
+# a little longer (the peak of the full-size SDXL + SD 1.5 UNet parity tests: 15.6 -> 15.9 GB);
+# arrays outside reference cycles are freed at once, as before.
+GC_THRESHOLD = (50_000, 20, 20)
 
 
 def default_cache_dir() -> Path:
@@ -41,7 +51,11 @@ def configure(compilation_cache: str | os.PathLike | None = None) -> None:
     - `compilation_cache`: a folder for JAX's persistent compilation cache (compiles over
       0.5 s are kept across processes), created if missing; None leaves the cache off. An
       unwritable folder is skipped silently: it only costs time.
+    - Python's garbage collector runs less often (`GC_THRESHOLD`), unless the process already
+      set a higher first threshold; a collector the process disabled stays disabled.
     """
+    if gc.get_threshold()[0] < GC_THRESHOLD[0]:
+        gc.set_threshold(*GC_THRESHOLD)
     flags = os.environ.get("XLA_FLAGS", "")
     if SCHEDULER_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --{SCHEDULER_FLAG}=false".strip()

@@ -59,3 +59,12 @@ def test_default_cache_dir_follows_the_environment(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == str(tmp_path / "x" / "sdjax" / "jax")
+
+
+def test_configure_makes_garbage_collection_rarer_and_keeps_a_higher_setting():
+    code = "import gc; from sdjax import runtime; {}runtime.configure(); print(*gc.get_threshold(), gc.isenabled())"
+    from sdjax.runtime import GC_THRESHOLD
+
+    assert _python(code.format("")).split() == [*map(str, GC_THRESHOLD), "True"]
+    assert _python(code.format("gc.set_threshold(10**6, 5, 5); ")).split() == ["1000000", "5", "5", "True"]
+    assert _python(code.format("gc.disable(); ")).split()[-1] == "False"
