@@ -139,9 +139,18 @@ def sdjax_invocations(command: str) -> list[tuple[str, list[str]]]:
 
 @cache
 def cli_flags(sub: str) -> frozenset:
-    out = subprocess.run([SDJAX, sub, "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, f"`sdjax {sub} --help` failed: {out.stderr[-2000:]}"
-    return frozenset(re.findall(r"--[a-z0-9][a-z0-9-]*", out.stdout))
+    """The flags `sdjax SUB --help` lists, from the parser `sdjax.cli.main` uses (in this process:
+    a subprocess per subcommand cost a Python and JAX start each)."""
+    import contextlib
+    import io
+
+    from sdjax import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli._parser().parse_args([sub, "--help"])
+    assert exit_.value.code == 0, f"`sdjax {sub} --help` failed"
+    return frozenset(re.findall(r"--[a-z0-9][a-z0-9-]*", out.getvalue()))
 
 
 def all_commands():
