@@ -1,6 +1,7 @@
 """`sdjax train` in subprocesses: a run's outputs (checkpoints, metrics.jsonl, loss.png, exported
 model folder), a SIGKILLed run resumed to the same losses as an uninterrupted one, LoRA runs,
-and config errors exiting with status 2 before anything is loaded."""
+and config errors exiting with status 2 before anything is loaded (one through the script, the
+others through the `sdjax.cli.main` it calls, in the test's process)."""
 
 import json
 import os
@@ -40,23 +41,35 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_config_errors_exit_2(tmp_path):
+def _in_process(capsys, *args) -> tuple[int, str]:
+    """(status, stderr) of `sdjax.cli.main(args)`, which the script exits with, in this process."""
+    from sdjax import cli
+
+    capsys.readouterr()
+    status = cli.main([*map(str, args)])
+    return status, capsys.readouterr().err
+
+
+def test_config_errors_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": str(tmp_path), "data": "synthetic", "output_dir": str(tmp_path / "o"),
                                "learnin_rate": 1e-4}))
-    r = _sdjax("train", bad)
+    r = _sdjax("train", bad)  # the real script: its exit status and stderr
     assert r.returncode == 2 and "unknown training option" in r.stderr and "learnin_rate" in r.stderr
-    r = _sdjax("train", tmp_path / "missing.json")
-    assert r.returncode == 2 and "cannot read training config" in r.stderr
+    # The other cases through the same main() in this process (a Python and JAX start each saved).
+    status, err = _in_process(capsys, "train", tmp_path / "missing.json")
+    assert status == 2 and "cannot read training config" in err
     cases = {("-o", "mixed_precision=fp8"): "mixed_precision", ("-o", "max_steps"): "KEY=VALUE",
              ("-o", f"model={tmp_path / 'nope'}"): "does not exist", ("-o", "lora_rank=0"): "lora_rank"}
     for flags, msg in cases.items():
-        r = _sdjax("train", TINY, "-o", f"model={tmp_path}", "-o", f"output_dir={tmp_path / 'o'}", *flags)
-        assert r.returncode == 2 and msg in r.stderr, (flags, r.stderr)
-        assert r.stderr.count("\n") == 1, r.stderr  # one line, no traceback
+        status, err = _in_process(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
+                                  f"output_dir={tmp_path / 'o'}", *flags)
+        assert status == 2 and msg in err, (flags, err)
+        assert err.count("\n") == 1, err  # one line, no traceback
     (tmp_path / "o" / "checkpoints" / "4").mkdir(parents=True)
-    r = _sdjax("train", TINY, "-o", f"model={tmp_path}", "-o", f"output_dir={tmp_path / 'o'}", "--no-resume")
-    assert r.returncode == 2 and "already has checkpoints" in r.stderr
+    status, err = _in_process(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
+                              f"output_dir={tmp_path / 'o'}", "--no-resume")
+    assert status == 2 and "already has checkpoints" in err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
 
 
