@@ -230,13 +230,13 @@ def model_generator(pipe, steps: int = 20, sampler: str = "Euler", cfg_scale: fl
     """`generate(captions, seeds, negatives=None)` over a loaded sdjax pipeline."""
 
     def generate(captions, seeds, negatives=None):
-        seeds = [int(s) for s in seeds]
+        # One batch, each image at its own seed: the images made one at a time, up to float
+        # rounding (1/255), in about half the time. (Evaluations up to 2026-12-02 made
+        # non-consecutive seeds one at a time.)
         negatives = list(negatives) if negatives is not None else [""] * len(captions)
-        kw = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=resolution, height=resolution)
-        if seeds == list(range(seeds[0], seeds[0] + len(seeds))):
-            return pipe.generate(list(captions), negative_prompt=negatives, seed=seeds[0], **kw).images
-        return [pipe.generate(c, negative_prompt=n, seed=s, **kw).images[0]
-                for c, s, n in zip(captions, seeds, negatives)]
+        return pipe.generate(list(captions), negative_prompt=negatives, seeds=[int(s) for s in seeds],
+                             steps=steps, sampler=sampler, cfg_scale=cfg_scale, width=resolution,
+                             height=resolution).images
 
     return generate
 
