@@ -36,8 +36,16 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, metadata: dict) -> None:
+        flat = _flat(state)
+        if jax.process_count() == 1:
+            # This process holds every shard: one batched device-to-host copy, then orbax writes
+            # host arrays. Given JAX arrays, orbax copies each shard of each leaf on its own:
+            # ~2 ms a shard, 1.5-2.4 s for a small model's train state (915 leaves on a 2-device
+            # mesh) against 0.45 s this way. Restoring puts them back on the template's
+            # shardings either way; with several processes each one writes its own shards.
+            flat = jax.device_get(flat)
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_flat(state)),
+            state=ocp.args.StandardSave(flat),
             metadata=ocp.args.JsonSave(metadata),
         ))
         self.manager.wait_until_finished()
