@@ -147,8 +147,8 @@ def test_data_parallel_equals_single_device(mini_model, tmp_path):
     runs = {}
     for n in (1, 4):
         mesh = parallel.make_mesh(data=n, devices=jax.devices()[:n])
-        t = Trainer(_cfg(mini_model, tmp_path / f"dp{n}", batch_size=4, max_steps=3, ema_decay=None),
-                    mesh=mesh, log=lambda m: None)
+        # The 1-device run is the one of test_parallel's FSDP + EMA test: one program, compiled once.
+        t = Trainer(_cfg(mini_model, tmp_path / f"dp{n}", batch_size=4, max_steps=3), mesh=mesh, log=lambda m: None)
         runs[n] = [r["loss"] for r in t.run(progress=False)]
     np.testing.assert_allclose(runs[4], runs[1], rtol=1e-4)
 
@@ -172,3 +172,27 @@ def test_samples_during_training_use_the_trained_weights(mini_model, tmp_path):
     untrained = trainer.pipe.generate("a red circle", steps=2, seed=trainer.cfg.seed, width=32, height=32)
     sample = np.asarray(Image.open(folder / "000.png"), np.float32)
     assert np.abs(sample - np.asarray(untrained.images[0], np.float32)).max() > 1  # trained weights differ
+
+
+def test_checkpoint_round_trip_keeps_values_dtypes_and_shardings(tmp_path):
+    """A train-state-like tree with fsdp-sharded, replicated and scalar leaves (float32,
+    bfloat16, int32) saved and restored into a template on the same mesh: every leaf equal, with
+    the template's dtype and sharding (a single process saves host copies; see Checkpointer.save)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from sdjax.train.checkpoint import Checkpointer
+
+    mesh = parallel.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    tree = {"w": jax.device_put(rng.standard_normal((8, 6)).astype(np.float32), NamedSharding(mesh, P("fsdp", None))),
+            "b": jax.device_put(rng.standard_normal((6,)).astype(jax.numpy.bfloat16), NamedSharding(mesh, P())),
+            "step": jax.device_put(np.int32(7), NamedSharding(mesh, P())), "ema": None}
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=2)
+    ckpt.save(7, tree, {"step": 7})
+    template = jax.tree.map(jax.numpy.zeros_like, tree)
+    restored, meta = ckpt.restore(template)
+    assert meta == {"step": 7} and restored["ema"] is None
+    for key in ("w", "b", "step"):
+        got, want = restored[key], tree[key]
+        assert got.dtype == want.dtype and got.sharding == template[key].sharding, key
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
