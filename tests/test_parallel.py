@@ -1,5 +1,5 @@
 """One batch across many devices (8 simulated CPU devices): sharded = single-device images,
-FSDP-sharded weights = replicated weights, FSDP training = single-device training."""
+FSDP-sharded weights = replicated weights, FSDP training (with EMA) = single-device training."""
 
 import jax
 import numpy as np
@@ -101,31 +101,50 @@ def mini_model(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_fsdp_training_equals_single_device(mini_model, tmp_path):
-    """Same global batch of 4: 1 device vs 2 data x 2 FSDP devices (weights and AdamW moments
-    split over the fsdp axis, the batch over the data axis: both kinds of parallelism in one
-    mesh; each mesh compiles its own train step, the cost of this test)."""
+def test_fsdp_training_with_ema_equals_single_device(mini_model, tmp_path):
+    """Same global batch of 4, EMA on: 1 device vs 2 data x 2 FSDP devices (weights, AdamW
+    moments and EMA split over the fsdp axis, the batch over the data axis: both kinds of
+    parallelism in one mesh; each mesh compiles its own train step, the cost of this test).
+    After each step the EMA equals d_k * ema + (1 - d_k) * params of the same run's weights
+    (diffusers' warmup d_k = min(decay, (1 + k) / (10 + k))); losses match the 1-device run to
+    fp rounding, weights and EMA to a few learning rates (AdamW amplifies rounding differences
+    of the gradients into lr-sized steps)."""
     from sdjax.train.trainer import Trainer
     from test_train import _cfg
 
-    runs, params = {}, {}
+    decay, steps = 0.9, 3
+    runs, params, emas = {}, {}, {}
     for name, mesh in {"one": parallel.make_mesh(data=1, devices=jax.devices()[:1]),
                        "dp2xfsdp2": parallel.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])}.items():
-        t = Trainer(_cfg(mini_model, tmp_path / name, batch_size=4, max_steps=3, ema_decay=None),
+        t = Trainer(_cfg(mini_model, tmp_path / name, batch_size=4, max_steps=steps, ema_decay=decay),
                     mesh=mesh, log=lambda m: None)
-        runs[name] = [r["loss"] for r in t.run(progress=False)]
-        leaves = jax.tree.leaves(t.state["params"]["unet"])
+        ema = [np.asarray(x) for x in jax.tree.leaves(t.state["ema"])]
+        params0 = [np.asarray(x) for x in jax.tree.leaves(t.state["params"])]
+        np.testing.assert_array_equal(ema[0], params0[0])  # EMA starts at the weights
+        runs[name] = []
+        for k in range(steps):
+            runs[name] += [r["loss"] for r in t.run(stop_at=k + 1, progress=False)]
+            d = min(decay, (1 + k) / (10 + k))
+            now = [np.asarray(x, np.float64) for x in jax.tree.leaves(t.state["params"])]
+            ema = [d * e + (1 - d) * p for e, p in zip(ema, now)]
+            got = [np.asarray(x) for x in jax.tree.leaves(t.state["ema"])]
+            worst = max(np.abs(g - e).max() for g, e in zip(got, ema))
+            assert worst < 1e-6, (name, k, worst)
+        assert max(np.abs(g - p).max() for g, p in zip(got, params0)) > 1e-4  # the EMA moved with training
+        assert len(runs[name]) == steps
         if name != "one":
             assert t.param_mode == "fsdp"
-            sharded = [x for x in leaves if "fsdp" in tuple(x.sharding.spec)]
-            assert sum(x.size for x in sharded) > 0.9 * sum(x.size for x in leaves)  # most weights split
+            for tree in (t.state["params"]["unet"], t.state["ema"]):  # most weights and EMA leaves split
+                leaves = jax.tree.leaves(tree)
+                sharded = [x for x in leaves if "fsdp" in tuple(x.sharding.spec)]
+                assert sum(x.size for x in sharded) > 0.9 * sum(x.size for x in leaves)
+                assert all(x.addressable_shards[0].data.size * 2 == x.size for x in sharded)
             mu = jax.tree.leaves(t.state["opt_state"])  # AdamW moments sharded as their weights
             assert any("fsdp" in tuple(x.sharding.spec)
                        for x in mu if getattr(x, "ndim", 0) >= 2)
-        params[name] = [np.asarray(x) for x in leaves]
-    for name in ("dp2xfsdp2",):
-        np.testing.assert_allclose(runs[name], runs["one"], rtol=1e-4)
-        # AdamW turns fp-rounding-sized gradient differences into lr-sized steps, so the
-        # weights agree to a few learning rates (1e-3 here), not to fp rounding.
-        worst = max(np.abs(a - b).max() for a, b in zip(params[name], params["one"]))
-        assert worst < 1e-2, worst
+        params[name] = [np.asarray(x) for x in jax.tree.leaves(t.state["params"]["unet"])]
+        emas[name] = got
+    np.testing.assert_allclose(runs["dp2xfsdp2"], runs["one"], rtol=1e-4)
+    for what, trees in (("weights", params), ("EMA", emas)):
+        worst = max(np.abs(a - b).max() for a, b in zip(trees["dp2xfsdp2"], trees["one"]))
+        assert worst < 1e-2, (what, worst)

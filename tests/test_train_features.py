@@ -1,6 +1,7 @@
 """The training options the README lists, each checked against what it must compute: offset
 noise in the noise the step uses, bf16 mixed precision and gradient checkpointing against the
-float32 / plain step, EMA sharded over fsdp against the EMA formula and a 1-device run."""
+float32 / plain step. (EMA sharded over fsdp, against the EMA formula and a 1-device run:
+tests/test_parallel.py::test_fsdp_training_with_ema_equals_single_device.)"""
 
 import jax
 import jax.numpy as jnp
@@ -102,41 +103,3 @@ def test_bf16_and_gradient_checkpointing_steps_match_the_float32_step(mini_model
     np.testing.assert_allclose(gnck, gn32, rtol=1e-4)
     for a, b in zip(jax.tree.leaves(tck.state["params"]), jax.tree.leaves(t32.state["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4)  # AdamW: lr-sized steps
-
-
-@pytest.mark.slow
-def test_ema_sharded_over_fsdp_follows_the_ema_formula_and_one_device(mini_model, tmp_path):  # noqa: F811
-    """EMA over an fsdp mesh (data 1 x fsdp 4): the EMA leaves are sharded over fsdp as their
-    weights, after each step they equal d_k * ema + (1 - d_k) * params (diffusers' warmup
-    d_k = min(decay, (1 + k) / (10 + k))) of the same run's weights, and they match a 1-device
-    run with EMA to a few learning rates (AdamW amplifies fp-rounding gradient differences)."""
-    from sdjax.train.trainer import Trainer
-
-    decay, steps = 0.9, 3
-    runs = {}
-    for name, mesh in {"one": parallel.make_mesh(data=1, devices=jax.devices()[:1]),
-                       "fsdp4": parallel.make_mesh(data=1, fsdp=4, devices=jax.devices()[:4])}.items():
-        t = Trainer(_cfg(mini_model, tmp_path / name, batch_size=4, max_steps=steps, ema_decay=decay),
-                    mesh=mesh, log=lambda m: None)
-        ema = [np.asarray(x) for x in jax.tree.leaves(t.state["ema"])]
-        params0 = [np.asarray(x) for x in jax.tree.leaves(t.state["params"])]
-        np.testing.assert_array_equal(ema[0], params0[0])  # EMA starts at the weights
-        for k in range(steps):
-            t.run(stop_at=k + 1, progress=False)
-            d = min(decay, (1 + k) / (10 + k))
-            params = [np.asarray(x, np.float64) for x in jax.tree.leaves(t.state["params"])]
-            ema = [d * e + (1 - d) * p for e, p in zip(ema, params)]
-            got = [np.asarray(x) for x in jax.tree.leaves(t.state["ema"])]
-            worst = max(np.abs(g - e).max() for g, e in zip(got, ema))
-            assert worst < 1e-6, (name, k, worst)
-        moved = max(np.abs(g - p).max() for g, p in zip(got, params0))
-        assert moved > 1e-4  # the EMA followed the training (lr 1e-3), not a no-op
-        if name == "fsdp4":
-            assert t.param_mode == "fsdp"
-            leaves = jax.tree.leaves(t.state["ema"])
-            sharded = [x for x in leaves if "fsdp" in tuple(x.sharding.spec)]
-            assert sum(x.size for x in sharded) > 0.9 * sum(x.size for x in leaves)
-            assert all(x.addressable_shards[0].data.size * 4 == x.size for x in sharded)
-        runs[name] = got
-    worst = max(np.abs(a - b).max() for a, b in zip(runs["fsdp4"], runs["one"]))
-    assert worst < 1e-2, worst
