@@ -97,7 +97,11 @@ def test_out_file_is_not_replaced_without_overwrite(env, tmp_path):
     (["--prompts-file", "{zero}"], "line 1: batch_size must be"),
     (["--from-png", "{huge}"], "--max-steps"),
 ])
-def test_bad_numbers_exit_2(env, tmp_path, flags, needle):
+def test_bad_numbers_exit_2(tmp_path, capsys, flags, needle):
+    """Through `sdjax.cli.main`, which the script exits with, in this process (a Python and JAX
+    start per case saved; test_out_file_is_not_replaced_without_overwrite runs the script's exit 2)."""
+    from sdjax import cli
+
     zero = tmp_path / "p.jsonl"
     zero.write_text(json.dumps({"prompt": "x", "batch_size": 0}) + "\n")
     huge = tmp_path / "huge.png"
@@ -108,9 +112,11 @@ def test_bad_numbers_exit_2(env, tmp_path, flags, needle):
     prompt = [] if any(f in flags for f in ("--prompts-file", "--from-png")) else ["x"]
     out = tmp_path / "out"
     base = ["--no-progress"] if "--from-png" in flags else ARGS  # --steps would override the PNG's
-    r = sdjax(env, "generate", *prompt, "--out", out, *base, *flags)
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert needle in r.stderr and r.stderr.startswith("sdjax: error:") and r.stderr.count("\n") == 1, r.stderr
+    capsys.readouterr()
+    status = cli.main(["generate", *prompt, "--out", str(out), *base, *flags])
+    err = capsys.readouterr().err
+    assert status == 2, (status, err)
+    assert needle in err and err.startswith("sdjax: error:") and err.count("\n") == 1, err
     assert not out.exists()
 
 
