@@ -1,5 +1,6 @@
 """`sdjax` CLI in subprocesses: --lora-dir / --lora, --embeddings-dir, ControlNet flags with
---save-control-image, and `sdjax convert` round trips (single file <-> diffusers folder)."""
+--save-control-image, and `sdjax convert` round trips (single file <-> diffusers folder); the
+input errors through `sdjax.cli.main` in the test's process."""
 
 import hashlib
 import os
@@ -35,6 +36,16 @@ def sdjax(env, *args, timeout=300):
                           text=True, timeout=timeout)
 
 
+def cli_error(capsys, *args) -> tuple[int, str]:
+    """(status, stderr) of `sdjax.cli.main(args)` (what the script exits with) in this process:
+    for the input errors below, a subprocess would only add a Python and JAX start."""
+    from sdjax import cli
+
+    capsys.readouterr()
+    status = cli.main([*map(str, args)])
+    return status, capsys.readouterr().err
+
+
 def _lora(path):
     rng = np.random.default_rng(0)
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
@@ -43,7 +54,7 @@ def _lora(path):
                f"{key}.alpha": np.array(4.0, np.float32)}, str(path))
 
 
-def test_lora_dir_and_embeddings_dir(env, model, tmp_path):
+def test_lora_dir_and_embeddings_dir(env, model, tmp_path, capsys):
     (tmp_path / "loras").mkdir()
     _lora(tmp_path / "loras" / "style.safetensors")
     (tmp_path / "emb").mkdir()
@@ -67,12 +78,12 @@ def test_lora_dir_and_embeddings_dir(env, model, tmp_path):
     assert r.returncode == 0, r.stderr
     assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
     # a tag that resolves to nothing: exit 2, one line, no file
-    r = sdjax(env, "generate", "x <lora:nope:1>", "--model", model, "--lora-dir", tmp_path / "loras",
-              "--out", tmp_path / "d.png", *ARGS)
-    assert r.returncode == 2 and "nope" in r.stderr and not (tmp_path / "d.png").exists()
+    status, err = cli_error(capsys, "generate", "x <lora:nope:1>", "--model", model, "--lora-dir", tmp_path / "loras",
+                            "--out", tmp_path / "d.png", *ARGS)
+    assert status == 2 and "nope" in err and not (tmp_path / "d.png").exists()
 
 
-def test_controlnet_flags_and_saved_control_image(env, model, tmp_path):
+def test_controlnet_flags_and_saved_control_image(env, model, tmp_path, capsys):
     import diffusers
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(model / "unet")
@@ -94,11 +105,12 @@ def test_controlnet_flags_and_saved_control_image(env, model, tmp_path):
     assert hint.shape == (64, 64, 3) and set(np.unique(hint)) <= {0, 255} and hint.max() == 255
     unit = parse_infotext(read_infotext(out))["ControlNet 0"]
     assert unit.startswith("Module: canny, Model: cn [") and "Weight: 0.8" in unit and "Guidance End: 0.5" in unit
-    r = sdjax(env, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn", "--out", out, *ARGS)
-    assert r.returncode == 2 and "--control-image" in r.stderr
+    status, err = cli_error(capsys, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn",
+                            "--out", out, *ARGS)
+    assert status == 2 and "--control-image" in err
 
 
-def test_convert_round_trip(env, model, tmp_path):
+def test_convert_round_trip(env, model, tmp_path, capsys):
     one = tmp_path / "one.safetensors"
     r = sdjax(env, "convert", model, one)
     assert r.returncode == 0, r.stderr
@@ -112,8 +124,8 @@ def test_convert_round_trip(env, model, tmp_path):
     assert r.returncode == 0, r.stderr
     half = load_file(str(next((tmp_path / "half" / "unet").glob("*.safetensors"))))
     assert all(v.dtype == np.float16 for v in half.values())
-    r = sdjax(env, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
-    assert r.returncode == 2 and "does not exist" in r.stderr
+    status, err = cli_error(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
+    assert status == 2 and "does not exist" in err
 
 
 def test_lora_nonstrict_skips_tensors_that_are_not_lora(env, model, tmp_path):
@@ -137,8 +149,9 @@ def test_lora_nonstrict_skips_tensors_that_are_not_lora(env, model, tmp_path):
                               np.asarray(Image.open(tmp_path / "plain.png")))
 
 
-def test_lora_multiplier_must_be_a_number(env, model, tmp_path):
+def test_lora_multiplier_must_be_a_number(env, model, tmp_path, capsys):
     lora = tmp_path / "style.safetensors"
     _lora(lora)
-    r = sdjax(env, "generate", "a cat", "--model", model, "--lora", f"{lora}:abc", *ARGS, "--out", tmp_path / "x.png")
-    assert r.returncode == 2 and "abc" in r.stderr and "does not exist" not in r.stderr, r.stderr
+    status, err = cli_error(capsys, "generate", "a cat", "--model", model, "--lora", f"{lora}:abc", *ARGS,
+                            "--out", tmp_path / "x.png")
+    assert status == 2 and "abc" in err and "does not exist" not in err, err
