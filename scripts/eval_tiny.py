@@ -216,8 +216,8 @@ def _renderer(config: SyntheticConfig):
 
 
 def _model_generator(model: str, steps: int, sampler: str, cfg_scale: float, resolution: int):
-    """A generator over an sdjax model: each caption with its own seed. Consecutive seeds go in
-    one batch (image i of a batch gets seed + i, the same image as alone); others one by one."""
+    """A generator over an sdjax model: each call's captions as one batch, each image at its own
+    seed (the image made alone, up to float rounding)."""
     import sdjax
     from sdjax.cli import EMBEDDED_MODEL
 
