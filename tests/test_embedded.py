@@ -207,3 +207,24 @@ def test_readme_prompts_make_what_they_say(pipes):
         if sum(f["shape"] == stated["shape"] for f in found) < 3:
             failures.append((prompt, "shape", [f["shape"] for f in found]))
     assert not failures, failures
+
+
+def test_eval_generator_batch_equals_each_image_made_alone(pipes):
+    """scripts/eval_tiny.py's model_generator makes a chunk as one batch with each image's own
+    seed: each image is the one made alone at that seed, up to float rounding (1/255)."""
+    import importlib.util
+
+    _, pipe = pipes
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_tiny.py"
+    spec = importlib.util.spec_from_file_location("eval_tiny", script)
+    eval_tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_tiny)
+    captions = ["a red circle on a blue background", "a green square at the left", "a yellow triangle"]
+    seeds = [7, 1_000_003, 42]  # not consecutive
+    batch = eval_tiny.model_generator(pipe, steps=4)(captions, seeds, negatives=["", "red", ""])
+    for image, caption, seed, negative in zip(batch, captions, seeds, ["", "red", ""]):
+        alone = pipe.generate(caption, negative_prompt=negative, seed=seed, steps=4, sampler="Euler", cfg_scale=5.0,
+                              width=64, height=64).images[0]
+        diff = np.abs(np.asarray(image, np.int16) - np.asarray(alone, np.int16))
+        assert diff.max() <= 1 and diff.mean() < 0.05, (caption, diff.max(), diff.mean())
+    assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[2]))  # distinct images, not one repeated
