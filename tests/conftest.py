@@ -59,6 +59,10 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # n
 # What subprocesses that build their own XLA_FLAGS add: the flags chosen above.
 FAST_COMPILE_FLAGS = " ".join(f for f in os.environ["XLA_FLAGS"].split()
                               if f.startswith(("--xla_backend_optimization_level", "--xla_cpu_use_fusion_emitters")))
+# XLA_FLAGS for a subprocess bound by execution rather than compilation (LLVM's optimisation off
+# doubles a run): the suite's flags without the level, so XLA's default level applies.
+EXECUTION_XLA_FLAGS = " ".join(f for f in os.environ["XLA_FLAGS"].split()
+                               if not f.startswith("--xla_backend_optimization_level"))
 
 # Must happen before JAX is first used. The suite is an entry point like the CLI: it selects
 # sdjax's XLA flags itself (import sdjax does not), so tests run what users run, with the
@@ -71,6 +75,16 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 ROOT = Path(__file__).resolve().parents[1]
 # The repository carries them (reference/README.md); SDJAX_REFERENCE may point elsewhere.
 REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT / "reference"))
+
+
+def cli_main(capsys, *args) -> tuple[int, str]:
+    """(status, stderr) of `sdjax.cli.main(args)`, the status the `sdjax` script exits with, run
+    in the test's process: for input errors a subprocess only adds a Python and JAX start."""
+    from sdjax import cli
+
+    capsys.readouterr()
+    status = cli.main([*map(str, args)])
+    return status, capsys.readouterr().err
 
 
 def reference(name: str) -> Path:

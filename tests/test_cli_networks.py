@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from sdjax.images import read_infotext
 from sdjax.metadata import parse_hashes, parse_infotext
+from conftest import cli_main
 from sdjax_tiny import write_tiny_folder
 
 ARGS = ["--steps", "2", "--width", "64", "--height", "64", "--seed", "3", "--sampler", "Euler"]
@@ -34,16 +35,6 @@ def model(tmp_path_factory):
 def sdjax(env, *args, timeout=300):
     return subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def cli_error(capsys, *args) -> tuple[int, str]:
-    """(status, stderr) of `sdjax.cli.main(args)` (what the script exits with) in this process:
-    for the input errors below, a subprocess would only add a Python and JAX start."""
-    from sdjax import cli
-
-    capsys.readouterr()
-    status = cli.main([*map(str, args)])
-    return status, capsys.readouterr().err
 
 
 def _lora(path):
@@ -78,7 +69,7 @@ def test_lora_dir_and_embeddings_dir(env, model, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
     # a tag that resolves to nothing: exit 2, one line, no file
-    status, err = cli_error(capsys, "generate", "x <lora:nope:1>", "--model", model, "--lora-dir", tmp_path / "loras",
+    status, err = cli_main(capsys, "generate", "x <lora:nope:1>", "--model", model, "--lora-dir", tmp_path / "loras",
                             "--out", tmp_path / "d.png", *ARGS)
     assert status == 2 and "nope" in err and not (tmp_path / "d.png").exists()
 
@@ -105,7 +96,7 @@ def test_controlnet_flags_and_saved_control_image(env, model, tmp_path, capsys):
     assert hint.shape == (64, 64, 3) and set(np.unique(hint)) <= {0, 255} and hint.max() == 255
     unit = parse_infotext(read_infotext(out))["ControlNet 0"]
     assert unit.startswith("Module: canny, Model: cn [") and "Weight: 0.8" in unit and "Guidance End: 0.5" in unit
-    status, err = cli_error(capsys, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn",
+    status, err = cli_main(capsys, "generate", "a box", "--model", model, "--controlnet", tmp_path / "cn",
                             "--out", out, *ARGS)
     assert status == 2 and "--control-image" in err
 
@@ -124,7 +115,7 @@ def test_convert_round_trip(env, model, tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     half = load_file(str(next((tmp_path / "half" / "unet").glob("*.safetensors"))))
     assert all(v.dtype == np.float16 for v in half.values())
-    status, err = cli_error(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
+    status, err = cli_main(capsys, "convert", tmp_path / "missing.safetensors", tmp_path / "x")
     assert status == 2 and "does not exist" in err
 
 
@@ -152,6 +143,6 @@ def test_lora_nonstrict_skips_tensors_that_are_not_lora(env, model, tmp_path):
 def test_lora_multiplier_must_be_a_number(env, model, tmp_path, capsys):
     lora = tmp_path / "style.safetensors"
     _lora(lora)
-    status, err = cli_error(capsys, "generate", "a cat", "--model", model, "--lora", f"{lora}:abc", *ARGS,
+    status, err = cli_main(capsys, "generate", "a cat", "--model", model, "--lora", f"{lora}:abc", *ARGS,
                             "--out", tmp_path / "x.png")
     assert status == 2 and "abc" in err and "does not exist" not in err, err

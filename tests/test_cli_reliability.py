@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from conftest import cli_main
 from sdjax.images import read_infotext, read_jsonl
 
 ARGS = ["--steps", "2", "--sampler", "Euler", "--no-progress"]
@@ -100,8 +101,6 @@ def test_out_file_is_not_replaced_without_overwrite(env, tmp_path):
 def test_bad_numbers_exit_2(tmp_path, capsys, flags, needle):
     """Through `sdjax.cli.main`, which the script exits with, in this process (a Python and JAX
     start per case saved; test_out_file_is_not_replaced_without_overwrite runs the script's exit 2)."""
-    from sdjax import cli
-
     zero = tmp_path / "p.jsonl"
     zero.write_text(json.dumps({"prompt": "x", "batch_size": 0}) + "\n")
     huge = tmp_path / "huge.png"
@@ -112,9 +111,7 @@ def test_bad_numbers_exit_2(tmp_path, capsys, flags, needle):
     prompt = [] if any(f in flags for f in ("--prompts-file", "--from-png")) else ["x"]
     out = tmp_path / "out"
     base = ["--no-progress"] if "--from-png" in flags else ARGS  # --steps would override the PNG's
-    capsys.readouterr()
-    status = cli.main(["generate", *prompt, "--out", str(out), *base, *flags])
-    err = capsys.readouterr().err
+    status, err = cli_main(capsys, "generate", *prompt, "--out", out, *base, *flags)
     assert status == 2, (status, err)
     assert needle in err and err.startswith("sdjax: error:") and err.count("\n") == 1, err
     assert not out.exists()

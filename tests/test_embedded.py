@@ -41,10 +41,10 @@ print("REPORT " + json.dumps({"splits": splits, "heldout": heldout}))
 @pytest.fixture(scope="module")
 def evaluations():
     import os
-    import re
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=re.sub(r"--xla_backend_optimization_level=\S+", "", os.environ.get("XLA_FLAGS", "")))
+    from conftest import EXECUTION_XLA_FLAGS
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=EXECUTION_XLA_FLAGS)
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     proc = subprocess.run([sys.executable, "-c", EVALUATIONS, str(scripts)], env=env, capture_output=True,
                           text=True, timeout=900)
@@ -212,13 +212,10 @@ def test_readme_prompts_make_what_they_say(pipes):
 def test_eval_generator_batch_equals_each_image_made_alone(pipes):
     """scripts/eval_tiny.py's model_generator makes a chunk as one batch with each image's own
     seed: each image is the one made alone at that seed, up to float rounding (1/255)."""
-    import importlib.util
+    from test_phrasing import _eval_script
 
     _, pipe = pipes
-    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_tiny.py"
-    spec = importlib.util.spec_from_file_location("eval_tiny", script)
-    eval_tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(eval_tiny)
+    eval_tiny = _eval_script()
     captions = ["a red circle on a blue background", "a green square at the left", "a yellow triangle"]
     seeds = [7, 1_000_003, 42]  # not consecutive
     batch = eval_tiny.model_generator(pipe, steps=4)(captions, seeds, negatives=["", "red", ""])

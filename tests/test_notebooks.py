@@ -10,7 +10,6 @@ the executed notebooks (with outputs) are written there.
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ CELL_TIMEOUT_S = 900  # generous: CI runners are 2 slow cores; a cell compiles s
 # The suite compiles with LLVM's optimisation off (conftest: compile-bound tests take half as
 # long). finetune.ipynb's 40 LoRA steps are bound by execution instead, which that doubles: its
 # kernel compiles at XLA's default level (38 -> 29 s; the other two notebooks were slower so).
-KERNEL_OPT_LEVEL = {"finetune.ipynb": "2"}
+AT_DEFAULT_LEVEL = {"finetune.ipynb"}
 
 
 def docs_model_folder(folder: Path) -> Path:
@@ -91,10 +90,10 @@ def test_notebook_runs_top_to_bottom(name, model, tmp_path):
     # as the CLI subprocesses use it: programs other tests compiled are loaded, not recompiled.
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["SDJAX_CACHE_DIR"]
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    if name in KERNEL_OPT_LEVEL:
-        os.environ["XLA_FLAGS"] = re.sub(r"--xla_backend_optimization_level=\S+",
-                                         f"--xla_backend_optimization_level={KERNEL_OPT_LEVEL[name]}",
-                                         os.environ.get("XLA_FLAGS", ""))
+    if name in AT_DEFAULT_LEVEL:
+        from conftest import EXECUTION_XLA_FLAGS
+
+        os.environ["XLA_FLAGS"] = EXECUTION_XLA_FLAGS
     try:
         t0 = time.perf_counter()
         NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli_main
 from test_train import MINI_SPEC
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +42,6 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _in_process(capsys, *args) -> tuple[int, str]:
-    """(status, stderr) of `sdjax.cli.main(args)`, which the script exits with, in this process."""
-    from sdjax import cli
-
-    capsys.readouterr()
-    status = cli.main([*map(str, args)])
-    return status, capsys.readouterr().err
-
-
 def test_config_errors_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"model": str(tmp_path), "data": "synthetic", "output_dir": str(tmp_path / "o"),
@@ -57,17 +49,17 @@ def test_config_errors_exit_2(tmp_path, capsys):
     r = _sdjax("train", bad)  # the real script: its exit status and stderr
     assert r.returncode == 2 and "unknown training option" in r.stderr and "learnin_rate" in r.stderr
     # The other cases through the same main() in this process (a Python and JAX start each saved).
-    status, err = _in_process(capsys, "train", tmp_path / "missing.json")
+    status, err = cli_main(capsys, "train", tmp_path / "missing.json")
     assert status == 2 and "cannot read training config" in err
     cases = {("-o", "mixed_precision=fp8"): "mixed_precision", ("-o", "max_steps"): "KEY=VALUE",
              ("-o", f"model={tmp_path / 'nope'}"): "does not exist", ("-o", "lora_rank=0"): "lora_rank"}
     for flags, msg in cases.items():
-        status, err = _in_process(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
+        status, err = cli_main(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
                                   f"output_dir={tmp_path / 'o'}", *flags)
         assert status == 2 and msg in err, (flags, err)
         assert err.count("\n") == 1, err  # one line, no traceback
     (tmp_path / "o" / "checkpoints" / "4").mkdir(parents=True)
-    status, err = _in_process(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
+    status, err = cli_main(capsys, "train", TINY, "-o", f"model={tmp_path}", "-o",
                               f"output_dir={tmp_path / 'o'}", "--no-resume")
     assert status == 2 and "already has checkpoints" in err
     assert not (tmp_path / "o" / "metrics.jsonl").exists()
