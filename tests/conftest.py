@@ -4,6 +4,7 @@ reference configs, and an optional per-test timing log (SDJAX_TEST_TIMING_LOG)."
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -77,14 +78,29 @@ ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("SDJAX_REFERENCE", ROOT / "reference"))
 
 
-def cli_main(capsys, *args) -> tuple[int, str]:
-    """(status, stderr) of `sdjax.cli.main(args)`, the status the `sdjax` script exits with, run
-    in the test's process: for input errors a subprocess only adds a Python and JAX start."""
+def cli_run(capsys, *args) -> subprocess.CompletedProcess:
+    """`sdjax.cli.main(args)` run in the test's process, as a CompletedProcess: returncode is the
+    status the `sdjax` script exits with, stdout and stderr what it printed. For tests of what a
+    command writes and prints, without a Python and JAX start per command (and the worker's
+    compiled programs are reused). What only a process shows (the console script, signals,
+    concurrent runs, a killed run) is tested with real subprocesses."""
     from sdjax import cli
 
+    args = [*map(str, args)]
     capsys.readouterr()
-    status = cli.main([*map(str, args)])
-    return status, capsys.readouterr().err
+    try:
+        status = cli.main(args)
+    except SystemExit as e:  # argparse's usage errors (and --help): the script exits the same way
+        status = e.code if isinstance(e.code, int) else int(e.code is not None)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["sdjax", *args], status, out.out, out.err)
+
+
+def cli_main(capsys, *args) -> tuple[int, str]:
+    """(status, stderr) of `cli_run`: for the input errors, where a subprocess only adds a Python
+    and JAX start."""
+    r = cli_run(capsys, *args)
+    return r.returncode, r.stderr
 
 
 def reference(name: str) -> Path:

@@ -1,4 +1,6 @@
-"""Nothing lost, nothing silent (issue #21): the real `sdjax` command on the embedded model.
+"""Nothing lost, nothing silent (issue #21): the `sdjax` command on the embedded model (real
+processes where the process matters: concurrent runs, SIGINT; elsewhere `sdjax.cli.main` in the
+test's process).
 
 Concurrent same-seed runs into one folder, reruns with a changed request, --out onto an
 existing file, bad numbers, SIGINT during a batch and its resume, escaped `sdjax info`."""
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from conftest import cli_main
+from conftest import cli_main, cli_run
 from sdjax.images import read_infotext, read_jsonl
 
 ARGS = ["--steps", "2", "--sampler", "Euler", "--no-progress"]
@@ -57,14 +59,15 @@ def test_concurrent_same_seed_runs_lose_nothing(env, tmp_path):
     assert not [p for p in out.iterdir() if p.suffix == ".tmp" or p.name.startswith(".")]
 
 
-def test_rerun_with_changed_request_makes_a_new_image(env, tmp_path):
+def test_rerun_with_changed_request_makes_a_new_image(tmp_path, capsys):
+    # sdjax.cli.main in this process: reruns and refusals are decided by the files, not the process.
     out = tmp_path / "d"
-    r = sdjax(env, "generate", "a red circle on a blue background", "--seed", 5, "--out", out, *ARGS)
+    r = cli_run(capsys, "generate", "a red circle on a blue background", "--seed", 5, "--out", out, *ARGS)
     assert r.returncode == 0, r.stderr
     first = sorted(out.glob("*.png"))
-    r = sdjax(env, "generate", "a red circle on a blue background", "--seed", 5, "--out", out, *ARGS)
+    r = cli_run(capsys, "generate", "a red circle on a blue background", "--seed", 5, "--out", out, *ARGS)
     assert r.returncode == 0 and sorted(out.glob("*.png")) == first  # identical request: reused
-    r = sdjax(env, "generate", "a totally different prompt", "--seed", 5, "--cfg-scale", 2, "--out", out, *ARGS)
+    r = cli_run(capsys, "generate", "a totally different prompt", "--seed", 5, "--cfg-scale", 2, "--out", out, *ARGS)
     assert r.returncode == 0, r.stderr
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 2
@@ -74,15 +77,16 @@ def test_rerun_with_changed_request_makes_a_new_image(env, tmp_path):
     assert r.stdout.split() == [str(new)]
 
 
-def test_out_file_is_not_replaced_without_overwrite(env, tmp_path):
+def test_out_file_is_not_replaced_without_overwrite(tmp_path, capsys):
+    # sdjax.cli.main in this process: reruns and refusals are decided by the files, not the process.
     target = tmp_path / "keep.png"
     target.write_bytes(b"precious")
-    r = sdjax(env, "generate", "a red circle", "--out", target, *ARGS)
+    r = cli_run(capsys, "generate", "a red circle", "--out", target, *ARGS)
     assert r.returncode == 2 and "--overwrite" in r.stderr and target.read_bytes() == b"precious"
-    r = sdjax(env, "generate", "a red circle", "--out", target, "--overwrite", *ARGS)
+    r = cli_run(capsys, "generate", "a red circle", "--out", target, "--overwrite", *ARGS)
     assert r.returncode == 0, r.stderr
     assert read_infotext(target).startswith("a red circle")
-    r = sdjax(env, "generate", "a red circle", "--out", tmp_path / "result.jpg", *ARGS)
+    r = cli_run(capsys, "generate", "a red circle", "--out", tmp_path / "result.jpg", *ARGS)
     assert r.returncode == 2 and "result.png" in r.stderr and not (tmp_path / "result.jpg").exists()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cli_run
 from sdjax.cli_sdxl import sdxl_options
 from sdjax.errors import UsageError
 from sdjax.images import read_infotext
@@ -38,8 +39,8 @@ def _run(env, *args):
                           text=True, timeout=600)
 
 
-@pytest.mark.slow  # three CLI runs of a tiny SDXL base + refiner (~1-2 min on a shared CPU)
-def test_refiner_from_png_round_trip(tmp_path):
+@pytest.mark.slow  # two CLI runs of a tiny SDXL base + refiner in subprocesses, two errors in-process
+def test_refiner_from_png_round_trip(tmp_path, capsys):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     base = build_sdxl_pipeline("sdxl-base", seed=3)
     base.save_pretrained(tmp_path / "base")
@@ -51,11 +52,15 @@ def test_refiner_from_png_round_trip(tmp_path):
     assert r.returncode == 0, r.stderr
     info = read_infotext(out)
     assert "Refiner: refiner [" in info and "Refiner switch at: 0.5" in info
-    r = _run(env, "generate", "--from-png", out, "--model", tmp_path / "base", "--out", tmp_path / "b.png")
+    # Errors: sdjax.cli.main in this process.
+    r = cli_run(capsys, "generate", "--from-png", out, "--model", tmp_path / "base", "--out", tmp_path / "b.png")
     assert r.returncode == 2 and "pass --refiner" in r.stderr
+    # A real process again: images are compared bit for bit, and this process (8 simulated devices,
+    # strict promotion) may round differently.
     r = _run(env, "generate", "--from-png", out, "--model", tmp_path / "base", "--refiner", tmp_path / "refiner",
              "--original-size", "96x64", "--out", tmp_path / "c.png")
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "c.png")))
-    r = _run(env, "generate", "x", "--model", tmp_path / "base", "--crop-coords", "-1,0", "--out", tmp_path / "d.png")
+    r = cli_run(capsys, "generate", "x", "--model", tmp_path / "base", "--crop-coords", "-1,0",
+                "--out", tmp_path / "d.png")
     assert r.returncode == 2 and "--crop-coords" in r.stderr

@@ -2,15 +2,13 @@
 recorder, A1111's target sizes, its latent upscalers equal torch's interpolate, the infotext keys
 read back, and `--from-png` regenerates the same image."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import cli_main, cli_run
 import sdjax
 from sdjax.images import read_infotext
 from sdjax.metadata import parse_infotext
@@ -64,12 +62,10 @@ def test_two_passes_and_infotext(model):
 
 
 @pytest.mark.slow
-def test_cli_hires_from_png_equality(model, tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-
+def test_cli_hires_from_png_equality(model, tmp_path, capsys):
+    # sdjax.cli.main in this process (the second run reuses the first one's compiled programs).
     def sdjax_cli(*args):
-        r = subprocess.run([sys.executable, "-m", "sdjax.cli", *map(str, args)], env=env, capture_output=True,
-                           text=True, timeout=600)
+        r = cli_run(capsys, *args)
         assert r.returncode == 0, r.stderr
         return r
 
@@ -86,6 +82,6 @@ def test_cli_hires_from_png_equality(model, tmp_path):
     sdjax_cli("generate", "--from-png", out, "--model", model, "--out", again)
     assert read_infotext(again) == info
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
-    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", "x", "--model", model, "--hr-upscaler", "Bogus",
-                        "--out", tmp_path / "c.png"], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "unknown hires upscaler 'Bogus'" in r.stderr
+    status, err = cli_main(capsys, "generate", "x", "--model", model, "--hr-upscaler", "Bogus",
+                           "--out", tmp_path / "c.png")
+    assert status == 2 and "unknown hires upscaler 'Bogus'" in err

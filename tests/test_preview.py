@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderTiny
 from PIL import Image
 
+from conftest import cli_main
 import sdjax
 from sdjax.pipeline import preview
 
@@ -63,7 +64,7 @@ def test_previews_compile_nothing_and_follow_every(tmp_path, no_persistent_cache
 
 
 @pytest.mark.slow  # a CLI run in a subprocess
-def test_cli_writes_a_taesd_preview_every_n_steps(tmp_path):
+def test_cli_writes_a_taesd_preview_every_n_steps(tmp_path, capsys):
     torch.manual_seed(0)
     tiny = AutoencoderTiny(decoder_block_out_channels=(8, 8, 8, 8), num_decoder_blocks=(1, 1, 1, 1),
                            encoder_block_out_channels=(8, 8, 8, 8), num_encoder_blocks=(1, 1, 1, 1))
@@ -80,6 +81,5 @@ def test_cli_writes_a_taesd_preview_every_n_steps(tmp_path):
     shown = [line.split("preview: ", 1)[1] for line in r.stderr.splitlines() if line.startswith("preview: ")]
     assert [Path(p).name for p in shown] == names
     assert Image.open(out / "previews" / names[0]).size == (64, 64)  # TAESD: full size
-    bad = subprocess.run([sys.executable, "-m", "sdjax.cli", "generate", "a cat", "--preview-every", "0",
-                          "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--preview-every" in bad.stderr
+    status, err = cli_main(capsys, "generate", "a cat", "--preview-every", "0", "--out", tmp_path / "bad")
+    assert status == 2 and "--preview-every" in err

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cli_run
 from sdjax.errors import ConfigError
 from sdjax.train.config import TrainConfig
 from test_train import MINI_SPEC
@@ -50,11 +51,14 @@ def test_config_types_and_learning_rate(kw, needle):
 @pytest.mark.parametrize("override,needle", [("learning_rate=NaN", "learning_rate=nan"),
                                              ("learning_rate=-1", "learning_rate=-1"),
                                              ("max_steps=abc", "max_steps='abc'")])
-def test_cli_bad_training_numbers_exit_2_and_leave_no_folder(tmp_path, override, needle):
+def test_cli_bad_training_numbers_exit_2_and_leave_no_folder(tmp_path, capsys, override, needle):
     out = tmp_path / "o"
-    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "train", str(TINY), "-o", f"model={tmp_path}",
-                        "-o", f"output_dir={out}", "-o", override], capture_output=True, text=True, cwd=ROOT,
-                       env=dict(os.environ), timeout=300)
+    args = ["train", str(TINY), "-o", f"model={tmp_path}", "-o", f"output_dir={out}", "-o", override]
+    if override.startswith("learning_rate=NaN"):  # the real script once; the others through sdjax.cli.main
+        r = subprocess.run([sys.executable, "-m", "sdjax.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                           env=dict(os.environ), timeout=300)
+    else:
+        r = cli_run(capsys, *args)
     assert r.returncode == 2 and needle in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not out.exists()
 
@@ -81,20 +85,19 @@ def test_non_finite_loss_stops_keeping_last_good_checkpoint(mini_model, tmp_path
     assert not (tmp_path / "exported").exists()
 
 
-def test_run_failing_after_it_made_its_folder_leaves_nothing(mini_model, tmp_path):
+def test_run_failing_after_it_made_its_folder_leaves_nothing(mini_model, tmp_path, capsys):
     # The model loads and the trainer creates output_dir; the data folder is missing, so the
-    # run fails before its first checkpoint: the folder it made must be gone again.
+    # run fails before its first checkpoint: the folder it made must be gone again. (sdjax.cli.main
+    # in this process: what is left is decided by the run, not the process.)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "train", str(TINY), "-o", f"model={mini_model}",
-                        "-o", f"data={tmp_path / 'no_such_data'}", "-o", f"output_dir={out}"],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
+    r = cli_run(capsys, "train", TINY, "-o", f"model={mini_model}", "-o", f"data={tmp_path / 'no_such_data'}",
+                "-o", f"output_dir={out}")
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no_such_data" in r.stderr
     assert not out.exists()
     # An output_dir that existed before the run is the user's: it stays.
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    r = subprocess.run([sys.executable, "-m", "sdjax.cli", "train", str(TINY), "-o", f"model={mini_model}",
-                        "-o", f"data={tmp_path / 'no_such_data'}", "-o", f"output_dir={out}"],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=300)
+    r = cli_run(capsys, "train", TINY, "-o", f"model={mini_model}", "-o", f"data={tmp_path / 'no_such_data'}",
+                "-o", f"output_dir={out}")
     assert r.returncode == 2 and (out / "notes.txt").read_text() == "mine"

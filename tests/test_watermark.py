@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import cli_run
 from sdjax import watermark
 from sdjax.images import read_infotext, read_xmp, save_png
 from sdjax.metadata import TRAINED_ALGORITHMIC_MEDIA, provenance_xmp, xmp_source_type
@@ -61,8 +62,8 @@ def test_bench_script_writes_its_table(tmp_path, monkeypatch):
     assert len(rows) == 2 and all("1/1 detected, 48.0 bits" in r.split("|")[5] for r in rows)
 
 
-@pytest.mark.slow  # two 256 px CLI runs in subprocesses
-def test_cli_marks_by_default_writes_xmp_and_info_prints_both(tmp_path):
+@pytest.mark.slow  # two 256 px CLI runs (one in a subprocess)
+def test_cli_marks_by_default_writes_xmp_and_info_prints_both(tmp_path, capsys):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "SDJAX_CACHE_DIR": str(tmp_path / "cache")}
     base = ["generate", "a cat", "--steps", "1", "--width", "256", "--height", "256", "--seed", "5"]
 
@@ -72,15 +73,14 @@ def test_cli_marks_by_default_writes_xmp_and_info_prints_both(tmp_path):
 
     r = run("--out", str(tmp_path / "on.png"))
     assert r.returncode == 0, r.stderr
-    r2 = run("--out", str(tmp_path / "off.png"), "--no-watermark")
+    r2 = cli_run(capsys, *base, "--out", tmp_path / "off.png", "--no-watermark")  # sdjax.cli.main in-process
     assert r2.returncode == 0, r2.stderr
     on, off = Image.open(tmp_path / "on.png"), Image.open(tmp_path / "off.png")
     assert watermark.detect(on) == (True, 48) and not watermark.detect(off)[0]
     assert np.abs(np.asarray(on, np.int16) - np.asarray(off, np.int16)).max() > 0
     for name in ("on.png", "off.png"):
         assert xmp_source_type(read_xmp(tmp_path / name)) == TRAINED_ALGORITHMIC_MEDIA
-    info = subprocess.run([sys.executable, "-m", "sdjax.cli", "info", str(tmp_path / "on.png")], env=env,
-                          capture_output=True, text=True, timeout=120)
+    info = cli_run(capsys, "info", tmp_path / "on.png")
     assert info.returncode == 0, info.stderr
     lines = info.stdout.splitlines()
     assert lines[0] == "a cat" and "Seed: 5" in info.stdout
