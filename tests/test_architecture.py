@@ -16,7 +16,8 @@ PACKAGE = ROOT / "sdjax"
 
 # Function-level `sdjax` imports that are allowed: (module, imported module).
 LAZY_ALLOWED = {("sdjax", "sdjax.pipeline"),  # `sdjax.load_pipeline` without importing JAX at `import sdjax`
-                ("sdjax.serve", "sdjax.serve.app")}  # FastAPI (the optional extra) only when serving
+                ("sdjax.serve", "sdjax.serve.app"),  # FastAPI (the optional extra) only when serving
+                ("sdjax.cli_train", "sdjax.train.trainer")}  # orbax (~0.3 s) only when training
 LOWER_FLOORS = ("sdjax.models", "sdjax.sampling", "sdjax.weights")
 UPPER_FLOORS = ("sdjax.pipeline", "sdjax.cli", "sdjax.cli_networks", "sdjax.cli_sdxl", "sdjax.cli_train", "sdjax.train",
                 "sdjax.serve")
