@@ -1,7 +1,8 @@
 """The `sdjax` CLI's network flags: --lora-dir / --lora, --embeddings-dir, ControlNet flags with
 --save-control-image, and `sdjax convert` round trips (single file <-> diffusers folder). The
-commands run through `sdjax.cli.main` (what the script exits with) in the test's process; the
---lora-nonstrict warning is read from a real `python -m sdjax.cli` process's stderr."""
+commands run through `sdjax.cli.main` (what the script exits with) in the test's process, but
+the --lora-nonstrict run (its warning is read from a real `python -m sdjax.cli` process's
+stderr) and the plain run its image is compared with."""
 
 import hashlib
 import os

@@ -2,7 +2,6 @@
 recorder, A1111's target sizes, its latent upscalers equal torch's interpolate, the infotext keys
 read back, and `--from-png` regenerates the same image."""
 
-
 import numpy as np
 import pytest
 import torch

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_main
 from PIL import Image
 
+from conftest import cli_main
 import sdjax
 from sdjax.errors import UsageError
 from sdjax.images import read_infotext, read_xmp
